@@ -1,0 +1,38 @@
+# One entry point for newcomers and CI. Every target sets itself up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast lint demo emulator constraints clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	uv venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	uv pip install --quiet --python $(PY) -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+emulator: setup
+	$(PY) -m airflow_provider_imagen.emulator --port 8930
+
+constraints: setup
+	(echo "# Pinned versions the project is tested with (the official Airflow constraints file cannot be fetched here)."; \
+	 echo "# Regenerate: make constraints"; uv pip freeze --python $(PY) | grep -v -i "airflow-provider-imagen") > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .airflow .demo

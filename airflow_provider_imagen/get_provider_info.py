@@ -1,0 +1,79 @@
+"""Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point.
+
+Since Airflow 3.2 the connection form is declared here (``ui-field-behaviour``, ``conn-fields``),
+not in hook methods, so the UI can render it without importing the hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_imagen import __version__
+
+#: The Airflow connection type this provider registers.
+CONN_TYPE = "imagen"
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Return the provider's metadata in the shape of Airflow's ``provider.yaml`` schema."""
+    return {
+        "package-name": "airflow-provider-imagen",
+        "name": "Imagen (reAPI)",
+        "description": "Google Imagen 4 image generation through reAPI's async image API.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Imagen",
+                "external-doc-url": "https://reapi.ai/docs",
+                "tags": ["ai"],
+            }
+        ],
+        "hooks": [
+            {"integration-name": "Imagen", "python-modules": ["airflow_provider_imagen.hooks.imagen"]},
+        ],
+        "operators": [
+            {
+                "integration-name": "Imagen",
+                "python-modules": [
+                    "airflow_provider_imagen.operators.generate",
+                    "airflow_provider_imagen.operators.batch",
+                ],
+            }
+        ],
+        "sensors": [
+            {"integration-name": "Imagen", "python-modules": ["airflow_provider_imagen.sensors.imagen"]},
+        ],
+        "triggers": [
+            {"integration-name": "Imagen", "python-modules": ["airflow_provider_imagen.triggers.imagen"]},
+        ],
+        "extra-links": ["airflow_provider_imagen.operators.generate.ImagenImageLink"],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_imagen.hooks.imagen.ImagenHook",
+                "hook-name": "Imagen (reAPI)",
+                "connection-type": CONN_TYPE,
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "port"],
+                    "relabeling": {"host": "Base URL", "password": "API key"},
+                    "placeholders": {
+                        "host": "https://reapi.ai",
+                        "password": "rk_live_…",
+                    },
+                },
+                "conn-fields": {
+                    "timeout": {
+                        "label": "Request timeout (seconds)",
+                        "description": "Seconds to wait for one HTTP answer from the API. Default 30.",
+                        "schema": {"type": ["number", "null"], "minimum": 1},
+                    },
+                    "max_retries": {
+                        "label": "Retries for safe calls",
+                        "description": "How many times a poll, balance read or download is retried on "
+                        "429, 5xx or a network error. Submits are never retried when they may have "
+                        "created a paid task.",
+                        "schema": {"type": ["integer", "null"], "minimum": 0},
+                    },
+                },
+            }
+        ],
+    }
