@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_exit)
     signal.signal(signal.SIGTERM, request_exit)
     print(
-        f"reAPI emulator listening on {base_url}/api/v1 (base URL {base_url}, api key {config.api_keys[0]})",
+        f"reAPI emulator running at {base_url} (API {base_url}/api/v1, "
+        f"key {config.api_keys[0]}); Ctrl-C stops it",
         flush=True,
     )
     try:

@@ -21,7 +21,11 @@ from airflow_provider_imagen.emulator.state import EmulatorState
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket on ``host``:``port`` (0 = any free port), ready to hand to uvicorn."""
+    """Bind and listen on ``host``:``port`` (0 = any free port), ready to hand to uvicorn.
+
+    Listening at once means clients that connect before uvicorn's loop runs wait in the backlog instead of
+    being refused, so the address can be announced as soon as this returns.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -30,6 +34,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
