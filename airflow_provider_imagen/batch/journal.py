@@ -1,0 +1,240 @@
+"""The exactly-once journal: what was about to be paid for, what was paid for, and what came of it.
+
+Why storage and not XCom: XCom is wiped when a task retries, and ``execute`` and ``execute_complete``
+may run on different workers. The journal lives on an :class:`ObjectStoragePath` (local disk, S3, GCS…)
+keyed by ``dag_id / run_id / task_id / map_index`` — never ``try_number``, so every try of a task
+instance reads the same journal and re-attaches to the tasks an earlier try paid for.
+
+Invariants:
+- an ``intent`` record for a request is durable BEFORE its paid POST is sent; its ``submitted`` record
+  (the task id) is written right after. An intent with no id after it is an *unknown submit*: the POST
+  may or may not have created a paid task. It is reported, and resubmitted only by explicit policy;
+- records are only ever appended, in *segments*: one immutable file per write, named by time and a
+  random suffix, written whole (a rename on local disk, one PUT on object stores). Two writers (a zombie
+  try and its retry) cannot overwrite each other; reading folds every segment in name order;
+- a request that was provably not created (401, 400, 402, a 429 or a refused connection after retries)
+  gets a ``rejected`` record, which clears its intent so a later try may submit it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+from urllib.parse import quote
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_imagen.batch.storage import as_path, write_whole
+
+log = logging.getLogger(__name__)
+
+RecordKind = Literal["intent", "submitted", "rejected", "ambiguous", "terminal", "mirrored", "timeout"]
+#: Every record kind, in the order a request normally goes through them.
+RECORD_KINDS: Final[tuple[str, ...]] = (
+    "intent",
+    "submitted",
+    "rejected",
+    "ambiguous",
+    "terminal",
+    "mirrored",
+    "timeout",
+)
+_SEGMENT_SUFFIX: Final = ".jsonl"
+
+
+@dataclass
+class JournalEntry:
+    """Everything the journal knows about one request, folded from its records."""
+
+    key: str
+    #: Task ids received for this request; more than one only after an explicit resubmit.
+    task_ids: list[str] = field(default_factory=list)
+    #: True while the last intent has neither a task id nor a rejection after it.
+    pending_intent: bool = False
+    #: Why the last submit's outcome is unknown, when it is.
+    ambiguous_reason: str | None = None
+    submitted_at: float | None = None
+    #: ``completed``, ``failed`` or ``not_found`` once the API said so.
+    status: str | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    completed_at: float | None = None
+    #: Where the image was mirrored: uri, sha256, width, height, size_bytes, content_type.
+    mirrored: dict[str, Any] | None = None
+    #: Set when a deadline passed while the task was still processing.
+    timed_out_at: float | None = None
+
+    @property
+    def task_id(self) -> str | None:
+        """Return the task id to follow: the latest one received."""
+        return self.task_ids[-1] if self.task_ids else None
+
+    @property
+    def unknown_submit(self) -> bool:
+        """Return whether a POST may have been paid for without our knowing its task id."""
+        return self.pending_intent
+
+    def apply(self, record: Mapping[str, Any]) -> None:
+        """Fold one record into this entry."""
+        kind = record["e"]
+        if kind == "intent":
+            self.pending_intent = True
+            self.ambiguous_reason = None
+        elif kind == "submitted":
+            self.pending_intent = False
+            if record["task_id"] not in self.task_ids:
+                self.task_ids.append(record["task_id"])
+            self.submitted_at = record.get("ts")
+            # A new task starts with no outcome of its own.
+            self.status = self.error_code = self.error_message = self.completed_at = self.mirrored = None
+            self.timed_out_at = None
+        elif kind == "rejected":
+            self.pending_intent = False
+        elif kind == "ambiguous":
+            self.ambiguous_reason = record.get("reason")
+        elif kind == "terminal":
+            if record.get("task_id") == self.task_id:
+                self.status = record["status"]
+                self.error_code = record.get("error_code")
+                self.error_message = record.get("error_message")
+                self.completed_at = record.get("ts")
+        elif kind == "mirrored":
+            if record.get("task_id") == self.task_id:
+                self.mirrored = record["image"]
+        elif kind == "timeout" and record.get("task_id") == self.task_id:
+            self.timed_out_at = record.get("ts")
+
+
+class JournalReadError(RuntimeError):
+    """A journal segment exists but cannot be read: refuse to guess, or we might pay twice."""
+
+
+class Journal:
+    """Append-only record of one task instance's paid requests, on any ``ObjectStoragePath``.
+
+    :param root: the folder under which all journals live (``file://``, ``s3://``…).
+    :param dag_id: the DAG of the task instance.
+    :param task_id: the Airflow task id.
+    :param run_id: the DAG run id.
+    :param map_index: the map index; ``-1`` for unmapped tasks.
+    """
+
+    def __init__(
+        self,
+        root: ObjectStoragePath | str,
+        *,
+        dag_id: str,
+        task_id: str,
+        run_id: str,
+        map_index: int = -1,
+    ) -> None:
+        self.path = as_path(root) / _part(dag_id) / _part(run_id) / _part(task_id) / f"map_{map_index}"
+
+    @classmethod
+    def for_task_instance(cls, root: ObjectStoragePath | str, context: Mapping[str, Any]) -> Journal:
+        """Return the journal of the task instance running in ``context``."""
+        ti = context["ti"]
+        return cls(
+            root,
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1,
+        )
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r})"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, JournalEntry]:
+        """Fold every segment, oldest first, into one entry per request key.
+
+        An absent journal is empty; an unreadable segment raises :class:`JournalReadError`.
+        """
+        entries: dict[str, JournalEntry] = {}
+        for segment in self._segments():
+            try:
+                text = segment.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                raise JournalReadError(f"cannot read journal segment {segment}: {exc}") from exc
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    key = record["k"]
+                    entry = entries.get(key)
+                    if entry is None:
+                        entry = entries[key] = JournalEntry(key)
+                    entry.apply(record)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise JournalReadError(f"{segment} line {number} is not a journal record: {exc}") from exc
+        return entries
+
+    def _segments(self) -> list[ObjectStoragePath]:
+        try:
+            if not self.path.exists():
+                return []
+            found = [p for p in self.path.iterdir() if p.name.endswith(_SEGMENT_SUFFIX)]
+        except FileNotFoundError:
+            return []
+        return sorted(found, key=lambda p: p.name)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Write ``records`` as one new immutable segment, durable when this returns."""
+        lines = []
+        for record in records:
+            if record.get("e") not in RECORD_KINDS:
+                raise ValueError(f"unknown journal record kind {record.get('e')!r}")
+            lines.append(json.dumps(dict(record), ensure_ascii=False, separators=(",", ":")))
+        if not lines:
+            return
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{_SEGMENT_SUFFIX}"
+        write_whole(self.path / name, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:
+    """Return one journal record of ``kind`` for request ``key``, stamped with the wall-clock time."""
+    return {"e": kind, "k": key, "ts": time.time(), **fields}
+
+
+def _part(value: str) -> str:
+    """Return ``value`` as one safe path segment (no ``/``, no ``..``)."""
+    quoted = quote(str(value), safe="-_.+=@,")
+    return quoted if quoted not in (".", "..", "") else quoted.replace(".", "%2E") or "%00"
+
+
+def resolve_journal_root(
+    journal_path: ObjectStoragePath | str | None, output_path: ObjectStoragePath | str | None
+) -> ObjectStoragePath:
+    """Pick where journals live.
+
+    In order: the operator's argument, ``[imagen] journal_root``, a ``_journal`` folder beside the
+    output, ``$AIRFLOW_HOME/imagen/journal``.
+
+    The output folder beats the local default because it is shared storage whenever the images are:
+    a journal on one worker's disk is invisible to a retry on another worker.
+    """
+    if journal_path:
+        return as_path(journal_path)
+    from airflow.configuration import conf
+
+    configured = conf.get("imagen", "journal_root", fallback=None)
+    if configured:
+        return as_path(configured)
+    if output_path:
+        out = as_path(output_path)
+        return (out.parent if out.suffix else out) / "_journal"
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return as_path(os.path.join(home, "imagen", "journal"))

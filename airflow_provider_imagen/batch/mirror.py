@@ -1,0 +1,91 @@
+"""Mirror finished images from their 24-hour signed URLs to the user's storage.
+
+Why: the API's image URLs expire after a day, so an image that is not copied in time is paid for and
+lost. Downloads happen on the worker (never in the trigger), are checked by the client (content type,
+size cap, sha256, pixel size), and land on any ``ObjectStoragePath`` whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_imagen.api.client import ImagenClient
+from airflow_provider_imagen.api.errors import DownloadError, ImageExpiredError
+from airflow_provider_imagen.batch.storage import write_whole
+
+log = logging.getLogger(__name__)
+
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]+")
+#: Longest readable part of a file name taken from a prompt id.
+_MAX_SLUG: Final = 80
+
+
+@dataclass(frozen=True)
+class MirroredImage:
+    """Where an image now lives and what it is."""
+
+    uri: str
+    sha256: str
+    width: int | None
+    height: int | None
+    size_bytes: int
+    content_type: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-safe dict (for the journal and XCom)."""
+        return asdict(self)
+
+
+def image_file_name(prompt_id: str, size: str, variation: int = 0) -> str:
+    """Return a safe, collision-free file name for one requested image.
+
+    The readable part keeps only ``[A-Za-z0-9._-]`` from the prompt id (so ``../`` or ``/`` cannot
+    escape the output folder); a hash of the exact (prompt_id, size, variation) keeps two ids that
+    slug alike apart.
+    """
+    slug = _UNSAFE.sub("_", str(prompt_id)).strip("._")[:_MAX_SLUG] or "image"
+    digest = hashlib.sha256(f"{prompt_id}\x1f{size}\x1f{variation}".encode()).hexdigest()[:10]
+    return f"{slug}__{size.replace(':', 'x')}__v{variation}__{digest}.png"
+
+
+def mirror_image(
+    client: ImagenClient,
+    url: str,
+    dest: ObjectStoragePath,
+    *,
+    attempts: int = 3,
+    retry_delay: float = 1.0,
+) -> MirroredImage:
+    """Download ``url`` and write it to ``dest`` whole; retry broken downloads, never expired ones.
+
+    :raises ImageExpiredError: the URL is past its life; regenerating would be paid again, so we don't.
+    :raises DownloadError: the image could not be fetched or is not acceptable, after ``attempts``.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            image = client.download_image(url)
+            break
+        except ImageExpiredError:
+            raise
+        except DownloadError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("Download attempt %d/%d failed (%s); retrying", attempt, attempts, exc)
+            time.sleep(retry_delay * attempt)
+    assert image.content is not None
+    write_whole(dest, image.content)
+    return MirroredImage(
+        uri=str(dest),
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        size_bytes=image.size_bytes,
+        content_type=image.content_type,
+    )

@@ -1,0 +1,275 @@
+"""Generate one image: validate, submit once on the worker, wait in the triggerer, mirror, return a dict.
+
+Paid exactly once across retries: the submit goes through the journal (see
+:mod:`airflow_provider_imagen.batch.journal`), so a retry re-attaches to the task an earlier try paid for.
+The signed image URL is fetched on the worker right before the download and never reaches XCom, a log
+line or a trigger event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from airflow.configuration import conf
+from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_provider_imagen.api.errors import (
+    AmbiguousSubmitError,
+    ImagenError,
+    ImagenInputError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    task_failure,
+)
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, ImageRequest, Task
+from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
+from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.storage import as_path
+from airflow_provider_imagen.batch.submit import submit_chunk
+from airflow_provider_imagen.hooks.imagen import ImagenHook
+from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
+from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context, TaskInstanceKey
+
+    from airflow_provider_imagen.api.client import ImagenClient
+
+#: The journal key of the one image this operator makes.
+IMAGE_KEY: Final = "image"
+#: XCom key holding the mirrored image's URI, read by the extra link.
+IMAGE_URI_XCOM_KEY: Final = "imagen_image_uri"
+#: Signed image URLs live this long after the task completes.
+URL_LIFETIME: Final = 24 * 3600
+#: Extra time given to ``defer(timeout=…)``: the trigger enforces the real deadline and says so in an
+#: event; Airflow's own deferral timeout is only a safety net for a triggerer that never answers.
+SAFETY_MARGIN: Final = timedelta(minutes=10)
+
+
+class ImagenImageLink(BaseOperatorLink):
+    """Link to where the image was mirrored (object-store consoles for ``s3://`` and ``gs://``)."""
+
+    name = "Imagen image"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.providers.common.compat.sdk import XCom
+
+        uri = XCom.get_value(key=IMAGE_URI_XCOM_KEY, ti_key=ti_key)
+        return browsable_uri(uri) if uri else ""
+
+
+def browsable_uri(uri: str) -> str:
+    """Return a URL a browser can open for a storage URI."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        return f"https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}"
+    if uri.startswith("gs://"):
+        return f"https://storage.cloud.google.com/{uri[5:]}"
+    return uri
+
+
+class ImagenGenerateOperator(BaseOperator):
+    """Generate one Imagen 4 image and mirror it to storage; paid once, even across retries.
+
+    The submit happens on the worker, after the request has been validated and its intent journalled.
+    If the image is not ready at the first look, the task defers to :class:`ImagenTaskTrigger` (no
+    worker slot is held while the API renders) with an absolute deadline.
+
+    :param prompt: what to draw, 1-4000 characters. Templated.
+    :param size: aspect ratio: ``1:1``, ``4:3``, ``3:4``, ``16:9`` or ``9:16``. Templated.
+    :param imagen_conn_id: the ``imagen`` connection. Templated.
+    :param output_path: where to mirror the image: a ``.png`` file or a folder, on any
+        ``ObjectStoragePath`` (``file://``, ``s3://``, ``gs://``…). Without it, only the task id and the
+        URL's expiry are returned. Templated.
+    :param deferrable: wait in the triggerer instead of on the worker. Default ``[operators]
+        default_deferrable``.
+    :param poll_interval: seconds between polls once the image is overdue (grows by ``poll_backoff``).
+    :param expected_render: seconds after the submit at which the first poll is made.
+    :param timeout: seconds to wait for the render before failing with :class:`TaskTimeoutError`;
+        the task stays paid for and a retry re-attaches to it.
+    :param journal_path: where the exactly-once journal lives; default ``[imagen] journal_root``, else a
+        ``_journal`` folder beside ``output_path``, else under ``$AIRFLOW_HOME``. Must be storage that
+        every worker sees.
+    :param resubmit_unknown: pay again for a submit whose outcome an earlier try could not learn (a
+        timeout or 5xx after sending). Off by default: that earlier POST may already have been paid.
+    """
+
+    template_fields: Sequence[str] = ("prompt", "size", "imagen_conn_id", "output_path")
+    operator_extra_links = (ImagenImageLink(),)
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        prompt: str,
+        size: str = DEFAULT_SIZE,
+        imagen_conn_id: str = ImagenHook.default_conn_name,
+        output_path: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 2.0,
+        expected_render: float = 8.0,
+        poll_backoff: float = 1.5,
+        timeout: float = 600.0,
+        journal_path: str | None = None,
+        resubmit_unknown: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prompt = prompt
+        self.size = size
+        self.imagen_conn_id = imagen_conn_id
+        self.output_path = output_path
+        self.deferrable = deferrable
+        self.schedule = PollSchedule(
+            expected_render=expected_render, poll_interval=poll_interval, backoff=poll_backoff
+        )
+        if timeout <= 0:
+            raise ValueError(f"timeout={timeout}: must be a positive number of seconds")
+        self.timeout = timeout
+        self.journal_path = journal_path
+        self.resubmit_unknown = resubmit_unknown
+
+    # -- Airflow entry points ----------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            request = ImageRequest(self.prompt, self.size)
+        except ImagenInputError as exc:
+            # Bad input does not get better on retry, and nothing has been paid: fail now, no retries.
+            raise AirflowFailException(f"invalid input, nothing was submitted: {exc}") from exc
+        journal = self._journal(context)
+        entry = journal.load().get(IMAGE_KEY)
+        if entry is not None and entry.mirrored is not None:
+            self.log.info("Image already made and mirrored by an earlier try; nothing to pay.")
+            return self._result(context, entry)
+        client = self._client()
+        task_id = self._submit_once(client, journal, request, entry)
+        task = client.get_task(task_id)
+        if task.is_terminal:
+            return self._finish(context, client, journal, task)
+        deadline = time.time() + self.timeout
+        if self.deferrable:
+            self.defer(
+                trigger=ImagenTaskTrigger(
+                    imagen_conn_id=self.imagen_conn_id,
+                    task_ids=[task_id],
+                    deadline=deadline,
+                    submitted_at=[time.time()],
+                    **self.schedule.to_kwargs(),
+                ),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=self.timeout) + SAFETY_MARGIN,
+            )
+        outcome = poll_tasks(client, [task_id], deadline=deadline, schedule=self.schedule)
+        return self._complete(context, client, journal, outcome)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger: validate its event, then fetch, mirror and return."""
+        outcome = PollOutcome.from_event(event)
+        return self._complete(context, self._client(), self._journal(context), outcome)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _submit_once(
+        self, client: ImagenClient, journal: Journal, request: ImageRequest, entry: JournalEntry | None
+    ) -> str:
+        if entry is not None and entry.unknown_submit and not self.resubmit_unknown:
+            why = entry.ambiguous_reason or "the worker stopped mid-submit"
+            raise AmbiguousSubmitError(
+                f"an earlier try sent this request but never learned its task id ({why}); it may have "
+                "been paid. Not sending it again: set resubmit_unknown=True to pay for a new one"
+            )
+        if entry is not None and entry.task_id and not entry.unknown_submit:
+            self.log.info(
+                "Re-attaching to task %s submitted by an earlier try; no new charge.", entry.task_id
+            )
+            return entry.task_id
+        self.log.info("Submitting 1 image (%d credits, $%.3f).", CREDITS_PER_IMAGE, CREDITS_PER_IMAGE / 1000)
+        attempts = {IMAGE_KEY: len(entry.task_ids)} if entry else None
+        report = submit_chunk(client, journal, {IMAGE_KEY: request}, attempts=attempts)
+        if IMAGE_KEY in report.submitted:
+            self.log.info("Submitted task %s.", report.submitted[IMAGE_KEY])
+            return report.submitted[IMAGE_KEY]
+        if IMAGE_KEY in report.ambiguous:
+            raise AmbiguousSubmitError(report.ambiguous[IMAGE_KEY])
+        raise report.rejected[IMAGE_KEY]
+
+    def _complete(
+        self, context: Context, client: ImagenClient, journal: Journal, outcome: PollOutcome
+    ) -> dict[str, Any]:
+        (task_id,) = outcome.tasks
+        if outcome.status == "timeout":
+            journal.append([record("timeout", IMAGE_KEY, task_id=task_id)])
+            raise TaskTimeoutError([task_id], time.time())
+        if outcome.status == "error":
+            raise ImagenError(f"polling task {task_id} failed: {outcome.message}")
+        if outcome.tasks[task_id].status == "not_found":
+            raise TaskNotFoundError(
+                f"task {task_id} is unknown to the API (another key, or no longer kept)", status_code=404
+            )
+        # The URL never rode the event: ask for it here, on the worker, right before downloading.
+        return self._finish(context, client, journal, client.get_task(task_id))
+
+    def _finish(self, context: Context, client: ImagenClient, journal: Journal, task: Task) -> dict[str, Any]:
+        if task.status == "failed":
+            journal.append(
+                [
+                    record(
+                        "terminal",
+                        IMAGE_KEY,
+                        task_id=task.id,
+                        status="failed",
+                        error_code=task.error_code,
+                        error_message=task.error_message,
+                    )
+                ]
+            )
+            raise task_failure(task.id, task.error_code, task.error_message)
+        if not task.image_url:
+            raise ImagenError(f"task {task.id} is completed but its answer carries no image URL")
+        records = [record("terminal", IMAGE_KEY, task_id=task.id, status="completed")]
+        if self.output_path:
+            dest = self._destination(context)
+            image = mirror_image(client, task.image_url, dest)
+            self.log.info(
+                "Mirrored %s (%s bytes, %sx%s).", image.uri, image.size_bytes, image.width, image.height
+            )
+            records.append(record("mirrored", IMAGE_KEY, task_id=task.id, image=image.to_dict()))
+        journal.append(records)
+        entry = journal.load()[IMAGE_KEY]
+        return self._result(context, entry)
+
+    def _result(self, context: Context, entry: JournalEntry) -> dict[str, Any]:
+        image = entry.mirrored or {}
+        if image.get("uri"):
+            context["ti"].xcom_push(key=IMAGE_URI_XCOM_KEY, value=image["uri"])
+        return {
+            "task_id": entry.task_id,
+            "status": entry.status,
+            "image_uri": image.get("uri"),
+            "sha256": image.get("sha256"),
+            "width": image.get("width"),
+            "height": image.get("height"),
+            "bytes": image.get("size_bytes"),
+            "credits": CREDITS_PER_IMAGE if entry.status == "completed" else 0,
+            "url_expires_at": (entry.completed_at + URL_LIFETIME) if entry.completed_at else None,
+        }
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _client(self) -> ImagenClient:
+        return ImagenHook(self.imagen_conn_id).get_conn()
+
+    def _journal(self, context: Context) -> Journal:
+        return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
+
+    def _destination(self, context: Context) -> Any:
+        out = as_path(self.output_path)  # type: ignore[arg-type]
+        if out.suffix.lower() == ".png":
+            return out
+        ti = context["ti"]
+        return out / image_file_name(f"{ti.task_id}-{ti.run_id}-{ti.map_index}", self.size)
