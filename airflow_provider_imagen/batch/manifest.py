@@ -1,0 +1,374 @@
+"""The manifest: one Parquet row per requested image, saying what became of it and what it cost.
+
+Why: a batch run's result is too big for XCom (DESIGN rule 4), and users need one table to join back
+to their prompts, to find the images, and to reconcile the bill. XCom and the Asset event carry only the
+manifest's URI, its counts and its credits.
+
+Invariants:
+- the schema lives here and only here (:data:`MANIFEST_SCHEMA`, version :data:`SCHEMA_VERSION` in the
+  Parquet metadata); changing a field is a deliberate, versioned act, and a test pins it;
+- every row's ``status`` is one of :data:`STATUSES`; the writer refuses anything else;
+- ``credits`` follows from the status alone (:func:`credits_for`), so the manifest's total is what the
+  API charged, including images that were paid for and lost;
+- a manifest is written whole or not at all (:func:`write_whole`): readers never see half a file;
+- its path depends only on the task instance's identity, never on the try, so a retry overwrites the
+  manifest of an earlier try of the same task instance instead of leaving two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+from urllib.parse import quote
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_imagen.api.errors import MODERATION_CODE
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
+from airflow_provider_imagen.batch.journal import JournalEntry
+from airflow_provider_imagen.batch.storage import as_path, write_whole
+from airflow_provider_imagen.batch.table import ImageSpec
+
+#: Version of :data:`MANIFEST_SCHEMA`; bump it with every change to the fields.
+SCHEMA_VERSION: Final = 1
+#: Parquet schema-metadata key holding :data:`SCHEMA_VERSION`.
+SCHEMA_VERSION_KEY: Final = b"imagen_manifest_schema_version"
+
+ManifestStatus = Literal[
+    "completed",
+    "failed",
+    "moderated",
+    "invalid",
+    "unknown_submit",
+    "timeout",
+    "skipped_budget",
+    "expired",
+    "not_found",
+    "download_failed",
+]
+#: Every status a manifest row may have, in this order in counts.
+STATUSES: Final[tuple[str, ...]] = get_args(ManifestStatus)
+
+#: The image was rendered and mirrored to storage; ``image_uri`` points at it. Charged.
+COMPLETED: Final = "completed"
+#: The task ended ``failed`` for a reason other than moderation. Refunded by the API.
+FAILED: Final = "failed"
+#: The task ended ``failed`` with code 80006 (content policy). Refunded by the API.
+MODERATED: Final = "moderated"
+#: The row broke a rule of the contract or of the table; it was never sent. Free.
+INVALID: Final = "invalid"
+#: A POST was sent but its outcome is unknown (timeout, 5xx, dropped answer). Assumed charged; never
+#: retried silently, because retrying could pay twice.
+UNKNOWN_SUBMIT: Final = "unknown_submit"
+#: The task was created (and charged) but had not finished when the deadline passed. It may still
+#: finish; a retry of the Airflow task re-attaches to it.
+TIMEOUT: Final = "timeout"
+#: Not sent because the run's credit budget would have been exceeded. Free.
+SKIPPED_BUDGET: Final = "skipped_budget"
+#: The image URL expired (24 h) before we could mirror it: paid and lost. Recorded, never silently
+#: regenerated, since regenerating pays again.
+EXPIRED: Final = "expired"
+#: The API no longer knows the task (404): nothing to collect, nothing we can prove was charged.
+NOT_FOUND: Final = "not_found"
+#: The task completed (charged) but mirroring failed after retries; a later try may still mirror it
+#: while the URL lives.
+DOWNLOAD_FAILED: Final = "download_failed"
+
+#: Statuses that cost :data:`CREDITS_PER_IMAGE`: a task was (or, for an ambiguous POST, may have been)
+#: created and not refunded. Every other status costs 0: refunded by the API (failed, moderated), never
+#: sent (invalid, skipped_budget), or unknown to the API (not_found).
+CHARGED_STATUSES: Final[frozenset[str]] = frozenset(
+    {COMPLETED, UNKNOWN_SUBMIT, TIMEOUT, EXPIRED, DOWNLOAD_FAILED}
+)
+
+_UTC: Final = dt.timezone.utc
+_TIMESTAMP: Final = pa.timestamp("us", tz="UTC")
+
+#: One row per requested image. Nullable unless marked ``nullable=False``.
+MANIFEST_SCHEMA: Final = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("variation", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("size", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.int64()),
+        pa.field("error_message", pa.string()),
+        #: The reAPI task id (``task_…``), not Airflow's.
+        pa.field("task_id", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("bytes", pa.int64()),
+        pa.field("credits", pa.int64(), nullable=False),
+        pa.field("submitted_at", _TIMESTAMP),
+        pa.field("completed_at", _TIMESTAMP),
+        #: 0-based position of the row in the input table.
+        pa.field("row", pa.int64()),
+        pa.field("dag_id", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("airflow_task_id", pa.string()),
+        pa.field("map_index", pa.int32()),
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+#: The column names, in schema order.
+MANIFEST_COLUMNS: Final[tuple[str, ...]] = tuple(MANIFEST_SCHEMA.names)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """The task instance a manifest belongs to: it names the file and fills four columns."""
+
+    dag_id: str
+    run_id: str
+    airflow_task_id: str
+    #: ``-1`` for a task that is not mapped.
+    map_index: int = -1
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any]) -> RunIdentity:
+        """Return the identity of the task instance running in ``context``."""
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", None)
+        return cls(
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            airflow_task_id=ti.task_id,
+            map_index=-1 if map_index is None else int(map_index),
+        )
+
+
+def credits_for(status: str) -> int:
+    """Return the credits a request with ``status`` cost: 46 if charged and not refunded, else 0."""
+    _check_status(status)
+    return CREDITS_PER_IMAGE if status in CHARGED_STATUSES else 0
+
+
+# -- rows --------------------------------------------------------------------------------------------
+
+
+def manifest_row(
+    spec: ImageSpec,
+    entry: JournalEntry | None,
+    *,
+    identity: RunIdentity,
+    override_status: str | None = None,
+    override_reason: str | None = None,
+) -> dict[str, Any]:
+    """Return the manifest row of one requested image, from its spec and its folded journal entry.
+
+    The status, first rule that applies wins:
+
+    1. the spec is invalid → ``invalid`` (the reason as ``error_message``);
+    2. ``override_status`` → that status: the caller knows what the journal cannot say
+       (``skipped_budget``, ``expired``, ``download_failed``…);
+    3. the last POST's outcome is unknown → ``unknown_submit``;
+    4. ``completed`` and mirrored → ``completed``; completed but not mirrored → ``download_failed``
+       (paid, and a later try may still mirror it while the URL lives);
+    5. ``failed`` with code 80006 → ``moderated``; other ``failed`` → ``failed``;
+    6. ``not_found`` → ``not_found``;
+    7. a task id with no outcome (deadline passed, or the run ended first) → ``timeout``.
+
+    :raises ValueError: the spec is valid but was never submitted (no entry, or an entry whose submit
+        was provably rejected) and no ``override_status`` says why. Guessing would put a wrong status
+        and a wrong price in the user's bill, so the caller must decide.
+    """
+    mirrored: Mapping[str, Any] = {}
+    error_code: int | None = None
+    error_message: str | None = None
+    if not spec.valid:
+        status: str = INVALID
+        error_message = spec.invalid_reason
+        entry = None
+    elif override_status is not None:
+        _check_status(override_status)
+        status = override_status
+        if entry is not None:
+            error_code, error_message = entry.error_code, entry.error_message
+            mirrored = entry.mirrored or {}
+        error_message = override_reason or error_message
+    elif entry is None or (not entry.unknown_submit and entry.task_id is None):
+        raise ValueError(
+            f"request {spec.key!r} (row {spec.row}) was never submitted and no override_status says why "
+            "(e.g. 'skipped_budget'); refusing to guess its status and cost"
+        )
+    elif entry.unknown_submit:
+        status = UNKNOWN_SUBMIT
+        error_message = entry.ambiguous_reason or "the submit's outcome is unknown; assumed charged"
+    elif entry.status == "completed":
+        if entry.mirrored:
+            status, mirrored = COMPLETED, entry.mirrored
+        else:
+            status = DOWNLOAD_FAILED
+            error_message = "completed but not mirrored to storage yet"
+    elif entry.status == "failed":
+        status = MODERATED if entry.error_code == MODERATION_CODE else FAILED
+        error_code, error_message = entry.error_code, entry.error_message
+    elif entry.status == "not_found":
+        status = NOT_FOUND
+        error_code, error_message = entry.error_code, entry.error_message
+    else:
+        status = TIMEOUT
+        error_message = "still processing when the run ended"
+        if entry.timed_out_at is not None:
+            when = _timestamp(entry.timed_out_at)
+            error_message = f"still processing when the deadline passed ({when:%Y-%m-%d %H:%M:%S} UTC)"
+    return {
+        "prompt_id": spec.prompt_id,
+        "variation": spec.variation,
+        "prompt": spec.prompt,
+        "size": spec.size,
+        "status": status,
+        "error_code": error_code,
+        "error_message": error_message,
+        "task_id": entry.task_id if entry is not None else None,
+        "image_uri": mirrored.get("uri"),
+        "sha256": mirrored.get("sha256"),
+        "width": mirrored.get("width"),
+        "height": mirrored.get("height"),
+        "bytes": mirrored.get("size_bytes"),
+        "credits": CREDITS_PER_IMAGE if status in CHARGED_STATUSES else 0,
+        "submitted_at": _timestamp(entry.submitted_at) if entry is not None else None,
+        "completed_at": _timestamp(entry.completed_at) if entry is not None else None,
+        "row": spec.row,
+        "dag_id": identity.dag_id,
+        "run_id": identity.run_id,
+        "airflow_task_id": identity.airflow_task_id,
+        "map_index": identity.map_index,
+    }
+
+
+def _timestamp(epoch: float | None) -> dt.datetime | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, tz=_UTC)
+
+
+def _check_status(status: object) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"unknown manifest status {status!r}; expected one of {', '.join(STATUSES)}")
+
+
+# -- writing and reading -----------------------------------------------------------------------------
+
+
+def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Return ``rows`` as an Arrow table with :data:`MANIFEST_SCHEMA`, after checking them.
+
+    A missing nullable field is null; an unknown field, an unknown status or a null in a required
+    field raises :class:`ValueError`.
+    """
+    rows = list(rows)
+    known = set(MANIFEST_COLUMNS)
+    for number, row in enumerate(rows):
+        if not row.keys() <= known:
+            raise ValueError(f"manifest row {number} has unknown field(s) {sorted(set(row) - known)}")
+    statuses = [row.get("status") for row in rows]
+    for number, status in enumerate(statuses):
+        if status not in STATUSES:
+            raise ValueError(
+                f"manifest row {number} has unknown status {status!r}; expected one of {', '.join(STATUSES)}"
+            )
+    arrays = []
+    for field in MANIFEST_SCHEMA:
+        values = statuses if field.name == "status" else [row.get(field.name) for row in rows]
+        try:
+            array = pa.array(values, type=field.type)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise ValueError(f"manifest column {field.name!r} ({field.type}): {exc}") from exc
+        if not field.nullable and array.null_count:
+            raise ValueError(f"manifest column {field.name!r} must not be null ({array.null_count} nulls)")
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(rows: Iterable[Mapping[str, Any]], dest: ObjectStoragePath | str) -> str:
+    """Write the manifest to ``dest`` whole (never half a file) and return its URI.
+
+    The file is built in memory first: a manifest row is ~200 bytes, so even a million rows fit, and
+    one whole write is what makes it atomic on object stores.
+    """
+    table = manifest_table(rows)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    path = as_path(dest)
+    write_whole(path, buffer.getvalue().to_pybytes())
+    return str(path)
+
+
+def read_manifest(path: ObjectStoragePath | str) -> pd.DataFrame:
+    """Return a manifest as a DataFrame; integer columns keep nulls as ``<NA>`` instead of becoming floats.
+
+    ``df.attrs["schema_version"]`` holds the version it was written with (``None`` if absent).
+    """
+    with as_path(path).open("rb") as handle:
+        table = pq.read_table(handle)
+    frame = table.to_pandas(
+        types_mapper={pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get, ignore_metadata=True
+    )
+    version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    frame.attrs["schema_version"] = int(version) if version is not None else None
+    return frame
+
+
+# -- summaries ---------------------------------------------------------------------------------------
+
+
+def manifest_counts(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> dict[str, int]:
+    """Return how many rows have each status (every status listed, zeros included), plus ``total``.
+
+    Small and JSON-safe: this is what goes to XCom and the Asset event.
+    """
+    is_frame = isinstance(rows, pd.DataFrame)
+    statuses = rows["status"].tolist() if is_frame else [row["status"] for row in rows]
+    counts = dict.fromkeys(STATUSES, 0)
+    for status in statuses:
+        if status not in counts:
+            _check_status(status)
+        counts[status] += 1
+    counts["total"] = len(statuses)
+    return counts
+
+
+def manifest_credits(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> int:
+    """Return the credits the manifest's rows cost in total (46 per charged image)."""
+    if isinstance(rows, pd.DataFrame):
+        return int(rows["credits"].sum())
+    return sum(int(row["credits"]) for row in rows)
+
+
+# -- where -------------------------------------------------------------------------------------------
+
+
+def manifest_path(output_root: ObjectStoragePath | str, *, identity: RunIdentity) -> ObjectStoragePath:
+    """Return ``<output_root>/manifests/dag_id=<dag>/run_id=<run>/<task>[__<map_index>].parquet``.
+
+    Each part is percent-quoted (``/`` → ``%2F``, ``:`` → ``%3A``, ``+`` → ``%2B``; a leading ``.`` or
+    ``_`` is quoted too, which covers ``.`` and ``..``), so no id can leave the folder, and no file hides
+    from readers that skip names starting with ``.`` or ``_``. The map index is appended only for mapped
+    tasks. The path ignores the try number: a retry replaces its predecessor's manifest.
+    """
+    name = _safe_part(identity.airflow_task_id)
+    if identity.map_index is not None and identity.map_index >= 0:
+        name += f"__{int(identity.map_index)}"
+    return (
+        as_path(output_root)
+        / "manifests"
+        / f"dag_id={_safe_part(identity.dag_id)}"
+        / f"run_id={_safe_part(identity.run_id)}"
+        / f"{name}.parquet"
+    )
+
+
+def _safe_part(value: str) -> str:
+    quoted = quote(str(value), safe="-_.@,", errors="backslashreplace")
+    if not quoted:
+        return "%00"
+    if quoted[0] in "._":
+        quoted = f"%{ord(quoted[0]):02X}{quoted[1:]}"  # ".." → "%2E.", "_x" → "%5Fx"
+    return quoted

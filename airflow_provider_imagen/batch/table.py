@@ -1,0 +1,515 @@
+"""The prompt table: read it, and turn every row into one validated spec per requested image.
+
+Why a module of its own: every image costs money, so bad input must be found before the first POST
+(DESIGN rule 10), named by row and field, and recorded, never sent and never charged. The batch operator
+submits only the specs this module calls valid; the rest go to the manifest as ``invalid``.
+
+Invariants:
+- a spec's ``key`` is the journal key of its paid request: ``f"{prompt_id}|{size}|v{variation}"``, with
+  ``variation`` counted from 0. It depends only on the row's own values, never on its position, so a
+  rerun over the same table (or the same rows in another order) re-attaches to what was already paid.
+  Valid keys are unique because prompt ids are unique, and a valid key parses from the right
+  (``key.rsplit("|", 2)``) since sizes and variations never contain ``|``;
+- an invalid spec's key is ``f"invalid/row{row}|{size}|v{variation}"``. A valid prompt id never contains
+  ``/``, so an invalid key never equals a valid one and is never journalled;
+- the rules for a prompt and a size live in :mod:`airflow_provider_imagen.api.models` (``ImageRequest``);
+  this module adds only the rules of a *table* (prompt ids, duplicates, size lists);
+- ``row`` is the 0-based position of the row in the table (after :func:`read_prompt_table`, the
+  DataFrame's index), and every message names it;
+- validation never sends anything and reads each column once as a Python list (no per-row ``.loc``):
+  100,000 rows take well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_imagen.api.errors import ImagenInputError, RequestValidationError
+from airflow_provider_imagen.api.models import DEFAULT_SIZE, ImageRequest, validate_prompt, validate_size
+from airflow_provider_imagen.batch.storage import as_path
+
+#: Default name of the column holding each row's stable id (file names and journal keys derive from it).
+ID_COLUMN: Final = "prompt_id"
+#: Default name of the column holding the prompt text.
+PROMPT_COLUMN: Final = "prompt"
+#: Default name of the optional column holding a ratio, or a list of ratios, per row.
+SIZE_COLUMN: Final = "size"
+#: Longest prompt id, in characters: it becomes part of file names and journal keys.
+MAX_PROMPT_ID_CHARS: Final = 200
+#: File names read from a folder; files and folders starting with ``.`` or ``_`` are skipped (as
+#: Spark, Hive and pyarrow do: ``_SUCCESS``, ``.crc`` files, ``_temporary/``).
+PARQUET_SUFFIXES: Final = (".parquet", ".parq", ".pq")
+#: How many reasons :func:`summarize_invalid` shows before it counts the rest.
+SUMMARY_LIMIT: Final = 10
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+_HIVE_NULL: Final = "__HIVE_DEFAULT_PARTITION__"
+#: Integer Arrow columns become pandas nullable integers, so one null does not turn 1 into 1.0.
+_INT_TYPES: Final = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.uint8(): pd.UInt8Dtype(),
+    pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(),
+    pa.uint64(): pd.UInt64Dtype(),
+}
+
+
+class PromptTableError(ImagenInputError):
+    """The prompt table as a whole cannot be used: missing, not Parquet, empty, or lacking a column."""
+
+
+class InvalidRowsError(ImagenInputError):
+    """Some rows are invalid and the policy is to fail before anything is submitted.
+
+    :ivar invalid: the invalid specs, in table order.
+    """
+
+    def __init__(self, message: str, invalid: list[ImageSpec]) -> None:
+        self.invalid = invalid
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """One requested image: a row of the table, at one size, one variation.
+
+    A valid spec carries the :class:`ImageRequest` to send; an invalid one carries the reason instead,
+    so it can still be reported (as ``invalid``, 0 credits) next to the rows that were sent.
+    """
+
+    #: Journal key: ``prompt_id|size|vN`` when valid, ``invalid/row<row>|size|vN`` otherwise.
+    key: str
+    #: 0-based position of the row in the input table.
+    row: int
+    #: The row's id as text; ``""`` when the cell was null. Escaped if it was not valid UTF-8.
+    prompt_id: str
+    #: The prompt text; ``None`` when the cell was null or not a string.
+    prompt: str | None
+    #: One of the five ratios, or the raw value (as text) of a size that is not one.
+    size: str
+    #: 0-based variation number; each variation is a separate paid request (the API's ``n`` is 1).
+    variation: int
+    #: What to send; ``None`` when the spec is invalid.
+    request: ImageRequest | None
+    #: Why the spec is invalid, naming the row, the prompt id, the field and the rule; ``None`` if valid.
+    invalid_reason: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Return whether this spec may be submitted."""
+        return self.invalid_reason is None
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_prompt_table(
+    source: ObjectStoragePath | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | pd.DataFrame,
+    *,
+    id_column: str = ID_COLUMN,
+    prompt_column: str = PROMPT_COLUMN,
+    size_column: str = SIZE_COLUMN,
+) -> pd.DataFrame:
+    """Return the prompt table as a DataFrame with a 0-based ``RangeIndex`` (the row numbers).
+
+    :param source: a Parquet file, or a folder read recursively in sorted order (hive partition
+        folders such as ``ds=2026-01-01/`` add a string column ``ds`` unless the files already have it),
+        on any ``ObjectStoragePath`` (``file://``, ``s3://``…) or local path; or a list of dict records;
+        or a DataFrame.
+    :param id_column: the column holding each row's stable id.
+    :param prompt_column: the column holding the prompt.
+    :param size_column: the optional column holding a ratio or a list of ratios per row.
+    :raises PromptTableError: the source is missing, not Parquet, has no rows, or lacks a column.
+
+    Read through ``ObjectStoragePath`` file objects (not pyarrow's own file systems) so the connection
+    configured for ``s3://`` or ``gs://`` in Airflow is the one used.
+    """
+    if isinstance(source, pd.DataFrame):
+        table = source.reset_index(drop=True)
+        where = "the DataFrame"
+    elif isinstance(source, (list, tuple)):
+        table = _from_records(source)
+        where = "the list of records"
+    elif isinstance(source, (ObjectStoragePath, str, os.PathLike)):
+        path = as_path(os.fspath(source) if not isinstance(source, (ObjectStoragePath, str)) else source)
+        table = _read_parquet(path)
+        where = str(path)
+    else:
+        raise PromptTableError(
+            f"cannot read a prompt table from a {type(source).__name__}: pass a Parquet file or folder "
+            "(path, URI or ObjectStoragePath), a list of dict records, or a pandas DataFrame"
+        )
+    if len(table) == 0:
+        raise PromptTableError(f"the prompt table {where} has no rows; there is nothing to generate")
+    check_columns(table, id_column=id_column, prompt_column=prompt_column, size_column=size_column)
+    return table
+
+
+def check_columns(
+    table: pd.DataFrame,
+    *,
+    id_column: str = ID_COLUMN,
+    prompt_column: str = PROMPT_COLUMN,
+    size_column: str = SIZE_COLUMN,
+) -> None:
+    """Raise :class:`PromptTableError` unless the id and prompt columns exist (once each).
+
+    The size column is optional under its default name (rows then take the table-wide sizes); a size
+    column named explicitly must exist, since a typo there would silently buy the wrong ratio.
+    """
+    columns = [str(c) for c in table.columns]
+    missing = [
+        f"{name!r} (set with {param}=…)"
+        for name, param in ((id_column, "id_column"), (prompt_column, "prompt_column"))
+        if name not in columns
+    ]
+    if size_column != SIZE_COLUMN and size_column not in columns:
+        missing.append(f"{size_column!r} (set with size_column=…)")
+    if missing:
+        raise PromptTableError(
+            f"the prompt table lacks the column(s) {', '.join(missing)}; columns found: {columns}. "
+            "Map your own column names with the id_column=, prompt_column= and size_column= parameters "
+            "of read_prompt_table/expand_specs (and of the batch operator)"
+        )
+    for name in (id_column, prompt_column, size_column):
+        if columns.count(name) > 1:
+            raise PromptTableError(f"the prompt table has {columns.count(name)} columns named {name!r}")
+
+
+def _from_records(records: Sequence[Any]) -> pd.DataFrame:
+    """Build a DataFrame of object columns, so every cell keeps its exact Python value.
+
+    Going through pandas' inference would turn ``[1, None]`` into ``[1.0, nan]`` (and the id ``1``
+    into an invalid float) or reject text that is not valid UTF-8 before we could name its row.
+    """
+    names: dict[str, None] = {}
+    for number, item in enumerate(records):
+        if not isinstance(item, Mapping):
+            raise PromptTableError(
+                f"record {number} of the prompt list is a {type(item).__name__}, not a mapping of "
+                "column name to value"
+            )
+        names.update(dict.fromkeys(item))
+    return pd.DataFrame(
+        {name: pd.Series([r.get(name) for r in records], dtype=object) for name in names},
+        index=pd.RangeIndex(len(records)),
+    )
+
+
+def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
+    try:
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists()
+    except FileNotFoundError:
+        exists = is_dir = False
+    if not exists:
+        raise PromptTableError(f"the prompt table {path} does not exist")
+    if is_dir:
+        files = _parquet_files(path)
+        tables = [_read_one(f, partitions=_hive_partitions(path, f)) for f in files]
+        try:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowException, ValueError) as exc:
+            raise PromptTableError(
+                f"the Parquet files under {path} have incompatible schemas ({exc}); "
+                "give every file the same column types"
+            ) from exc
+    else:
+        table = _read_one(path, partitions={})
+    try:
+        return table.to_pandas(types_mapper=_INT_TYPES.get, ignore_metadata=True)
+    except (pa.ArrowException, ValueError) as exc:  # pragma: no cover - exotic types only
+        raise PromptTableError(f"cannot convert the prompt table {path} to pandas: {exc}") from exc
+
+
+def _parquet_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
+    found: list[tuple[tuple[str, ...], ObjectStoragePath]] = []
+    seen: list[str] = []
+    for candidate in folder.rglob("*"):
+        parts = _relative_parts(folder, candidate)
+        if any(part.startswith((".", "_")) for part in parts) or not candidate.is_file():
+            continue
+        seen.append("/".join(parts))
+        if candidate.name.lower().endswith(PARQUET_SUFFIXES):
+            found.append((parts, candidate))
+    if not found:
+        shown = f"; found only {sorted(seen)[:5]}" if seen else " (the folder is empty)"
+        raise PromptTableError(
+            f"no Parquet files ({', '.join('*' + s for s in PARQUET_SUFFIXES)}) under {folder}{shown}"
+        )
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
+
+
+def _relative_parts(folder: ObjectStoragePath, path: ObjectStoragePath) -> tuple[str, ...]:
+    try:
+        return tuple(path.relative_to(folder).parts)
+    except ValueError:  # pragma: no cover - rglob always yields paths under the folder
+        return (path.name,)
+
+
+def _hive_partitions(folder: ObjectStoragePath, path: ObjectStoragePath) -> dict[str, str | None]:
+    """Return ``{key: value}`` from the ``key=value`` folders between ``folder`` and ``path``."""
+    partitions: dict[str, str | None] = {}
+    for part in _relative_parts(folder, path)[:-1]:
+        key, sep, value = part.partition("=")
+        if sep and key:
+            text = unquote(value)
+            partitions[unquote(key)] = None if text == _HIVE_NULL else text
+    return partitions
+
+
+def _read_one(path: ObjectStoragePath, *, partitions: Mapping[str, str | None]) -> pa.Table:
+    try:
+        with path.open("rb") as handle:
+            table = pq.read_table(handle)
+    except FileNotFoundError as exc:
+        raise PromptTableError(f"the prompt table {path} does not exist") from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PromptTableError(f"{path} is not a readable Parquet file: {exc}") from exc
+    for key, value in partitions.items():
+        if key not in table.column_names:
+            table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+    return table
+
+
+# -- expanding and validating ----------------------------------------------------------------------
+
+
+def expand_specs(
+    table: pd.DataFrame | ObjectStoragePath | str | Sequence[Mapping[str, Any]],
+    *,
+    id_column: str = ID_COLUMN,
+    prompt_column: str = PROMPT_COLUMN,
+    size_column: str = SIZE_COLUMN,
+    sizes: Sequence[str] | None = None,
+    default_size: str = DEFAULT_SIZE,
+    variations: int = 1,
+) -> list[ImageSpec]:
+    """Return one spec per (row × size × variation), in table order; invalid rows included.
+
+    A row's sizes come from, in order: its own size cell (one ratio, or a list of ratios; a null or
+    blank cell means "not given"), else the table-wide ``sizes``, else ``default_size``. A ratio listed
+    twice for one row is requested once (use ``variations`` for more images of the same ratio).
+
+    Prompt ids: a non-empty string, or an integer (converted with ``str``, so the id ``7`` and the id
+    ``"7"`` are the same and duplicates). Floats are refused, even ``3.0``: they usually come from an
+    integer column with nulls, and ``"3.0"`` would silently become a new id.
+
+    :param table: a DataFrame, or anything :func:`read_prompt_table` reads.
+    :param sizes: ratios for rows without their own; ``None`` means ``[default_size]``.
+    :param variations: images per (row, size), each its own paid request; at least 1.
+    :raises PromptTableError: a required column is missing.
+    :raises ImagenInputError: ``sizes``, ``default_size`` or ``variations`` is not acceptable (these are
+        the caller's settings, not data: no row can be right if they are wrong).
+    """
+    if not isinstance(table, pd.DataFrame):
+        table = read_prompt_table(
+            table, id_column=id_column, prompt_column=prompt_column, size_column=size_column
+        )
+    check_columns(table, id_column=id_column, prompt_column=prompt_column, size_column=size_column)
+    fallback = _fallback_sizes(sizes, default_size)
+    if isinstance(variations, bool) or not isinstance(variations, (int, np.integer)) or variations < 1:
+        raise ImagenInputError(f"variations={variations!r}: must be an integer of at least 1")
+    variation_range = range(int(variations))
+
+    ids = table[id_column].tolist()
+    prompts = table[prompt_column].tolist()
+    size_cells = table[size_column].tolist() if size_column in table.columns else [None] * len(ids)
+
+    specs: list[ImageSpec] = []
+    first_row: dict[str, int] = {}
+    for row, (raw_id, raw_prompt, raw_size) in enumerate(zip(ids, prompts, size_cells, strict=True)):
+        prompt_id, id_error = _check_prompt_id(raw_id)
+        errors = [id_error] if id_error else []
+        if id_error is None:
+            first = first_row.setdefault(prompt_id, row)
+            if first != row:
+                errors.append(
+                    f"prompt_id={prompt_id!r}: duplicates row {first}; every prompt_id must be unique"
+                )
+        prompt, prompt_error = _check_prompt(raw_prompt)
+        if prompt_error:
+            errors.append(prompt_error)
+        if errors:
+            prompt_id, prompt = _escaped(prompt_id), _escaped(prompt)
+        label = f"row {row} (prompt_id {prompt_id!r})" if id_error is None else f"row {row}"
+        for size, size_error in _row_sizes(raw_size, fallback):
+            if errors or size_error:
+                reason = f"{label}: {'; '.join([*errors, size_error] if size_error else errors)}"
+                for variation in variation_range:
+                    specs.append(
+                        ImageSpec(
+                            key=f"invalid/row{row}|{size}|v{variation}",
+                            row=row,
+                            prompt_id=prompt_id,
+                            prompt=prompt,
+                            size=size,
+                            variation=variation,
+                            request=None,
+                            invalid_reason=reason,
+                        )
+                    )
+                continue
+            request = ImageRequest(prompt, size)  # type: ignore[arg-type]  # prompt checked above
+            for variation in variation_range:
+                specs.append(
+                    ImageSpec(
+                        key=f"{prompt_id}|{size}|v{variation}",
+                        row=row,
+                        prompt_id=prompt_id,
+                        prompt=prompt,
+                        size=size,
+                        variation=variation,
+                        request=request,
+                    )
+                )
+    return specs
+
+
+def _fallback_sizes(sizes: Sequence[str] | None, default_size: str) -> list[str]:
+    try:
+        validate_size(default_size)
+    except RequestValidationError as exc:
+        raise ImagenInputError(f"default_size: {exc}") from None
+    if sizes is None:
+        return [default_size]
+    if isinstance(sizes, str):
+        sizes = [sizes]
+    chosen = list(dict.fromkeys(sizes))
+    if not chosen:
+        raise ImagenInputError("sizes=[]: list at least one ratio, or pass None to use default_size")
+    for size in chosen:
+        try:
+            validate_size(size)
+        except RequestValidationError as exc:
+            raise ImagenInputError(f"sizes: {exc}") from None
+    return chosen
+
+
+def _is_null(value: object) -> bool:
+    return (
+        value is None
+        or value is pd.NA
+        or value is pd.NaT
+        or (isinstance(value, float) and value != value)  # NaN, numpy floats included
+    )
+
+
+def _check_prompt_id(value: object) -> tuple[str, str | None]:
+    """Return (the id as text, the broken rule or ``None``)."""
+    if _is_null(value):
+        return "", str(RequestValidationError("prompt_id", value, "is missing (null)"))
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value)), None
+    if not isinstance(value, str):
+        rule = f"must be a string or an integer, not {type(value).__name__}"
+        return str(value), str(RequestValidationError("prompt_id", value, rule))
+    rule = None
+    if not value.strip():
+        rule = "must not be empty or only whitespace"
+    elif len(value) > MAX_PROMPT_ID_CHARS:
+        rule = f"is {len(value)} characters; at most {MAX_PROMPT_ID_CHARS} are allowed"
+    elif "/" in value or "\\" in value or ".." in value:
+        rule = "must not contain '/', '\\' or '..' (it becomes part of file names and journal keys)"
+    elif (bad := _CONTROL.search(value)) is not None:
+        rule = f"must not contain control characters (found {bad.group()!r} at position {bad.start()})"
+    elif (bad := _SURROGATE.search(value)) is not None:
+        rule = f"is not valid UTF-8 text (character at position {bad.start()})"
+    return value, str(RequestValidationError("prompt_id", value, rule)) if rule else None
+
+
+def _check_prompt(value: object) -> tuple[str | None, str | None]:
+    """Return (the prompt if it is text, the broken rule or ``None``), with ImageRequest's rules."""
+    if _is_null(value):
+        return None, str(RequestValidationError("prompt", value, "is missing (null)"))
+    try:
+        validate_prompt(value)
+    except RequestValidationError as exc:
+        return (value if isinstance(value, str) else None), str(exc)
+    return value, None  # type: ignore[return-value]  # validate_prompt proved it is a str
+
+
+def _row_sizes(cell: object, fallback: list[str]) -> list[tuple[str, str | None]]:
+    """Return the row's sizes as (size, broken rule or ``None``), deduplicated in order."""
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        if len(cell) == 0:
+            return [("", str(RequestValidationError("size", list(cell), "must list at least one ratio")))]
+        return _checked_sizes(cell, indexed=True)
+    if _is_null(cell) or (isinstance(cell, str) and not cell.strip()):
+        return [(size, None) for size in fallback]
+    return _checked_sizes([cell], indexed=False)
+
+
+def _checked_sizes(values: Iterable[object], *, indexed: bool) -> list[tuple[str, str | None]]:
+    out: dict[str, str | None] = {}
+    for index, value in enumerate(values):
+        text = _escaped(value if isinstance(value, str) else str(value))
+        if text in out:
+            continue
+        try:
+            # Only text can be a ratio; anything else (arrays, dicts) must not reach ``in SIZES``.
+            validate_size(value if isinstance(value, str) else None)
+            out[text] = None
+        except RequestValidationError as exc:
+            out[text] = str(RequestValidationError(f"size[{index}]" if indexed else "size", value, exc.rule))
+    return list(out.items())
+
+
+def _escaped(text: str | None) -> str | None:
+    """Return ``text`` with anything UTF-8 cannot encode (lone surrogates) as backslash escapes.
+
+    Invalid rows are still written to the manifest, and Parquet strings must be valid UTF-8.
+    """
+    if text is None or _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def summarize_invalid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) -> str:
+    """Return a short account of the invalid specs: counts, then the first ``limit`` distinct reasons.
+
+    One bad row fanned out over five sizes and two variations is one reason, not ten.
+    """
+    invalid = [spec for spec in specs if not spec.valid]
+    if not invalid:
+        return "no invalid rows"
+    reasons = list(dict.fromkeys(spec.invalid_reason for spec in invalid))
+    rows = len({spec.row for spec in invalid})
+    lines = [
+        f"{rows} invalid row(s) ({len(invalid)} requested image(s)) will not be sent; "
+        f"first {min(limit, len(reasons))} of {len(reasons)} reason(s):"
+    ]
+    lines.extend(f"  - {reason}" for reason in reasons[:limit])
+    if len(reasons) > limit:
+        lines.append(f"  … and {len(reasons) - limit} more")
+    return "\n".join(lines)
+
+
+def raise_if_invalid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) -> None:
+    """Raise :class:`InvalidRowsError` if any spec is invalid: the "fail before paying" policy."""
+    specs = list(specs)
+    invalid = [spec for spec in specs if not spec.valid]
+    if invalid:
+        raise InvalidRowsError(
+            "the prompt table has invalid rows; nothing was submitted and nothing was charged.\n"
+            + summarize_invalid(invalid, limit=limit),
+            invalid,
+        )
