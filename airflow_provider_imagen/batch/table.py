@@ -17,7 +17,7 @@ Invariants:
 - ``row`` is the 0-based position of the row in the table (after :func:`read_prompt_table`, the
   DataFrame's index), and every message names it;
 - validation never sends anything and reads each column once as a Python list (no per-row ``.loc``):
-  100,000 rows take well under a second.
+  100,000 rows take about a second.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ SUMMARY_LIMIT: Final = 10
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 _HIVE_NULL: Final = "__HIVE_DEFAULT_PARTITION__"
+_PANDAS_INDEX: Final = re.compile(r"__index_level_\d+__")
 #: Integer Arrow columns become pandas nullable integers, so one null does not turn 1 into 1.0.
 _INT_TYPES: Final = {
     pa.int8(): pd.Int8Dtype(),
@@ -231,6 +232,9 @@ def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
             ) from exc
     else:
         table = _read_one(path, partitions={})
+    # pandas' own metadata is ignored: a named index written by pandas (say ``prompt_id``) comes back
+    # as an ordinary column, and an unnamed one (``__index_level_0__``) is dropped.
+    table = table.drop_columns([name for name in table.column_names if _PANDAS_INDEX.fullmatch(name)])
     try:
         return table.to_pandas(types_mapper=_INT_TYPES.get, ignore_metadata=True)
     except (pa.ArrowException, ValueError) as exc:  # pragma: no cover - exotic types only

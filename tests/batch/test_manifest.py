@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from airflow_provider_imagen.batch.manifest import (
     read_manifest,
     write_manifest,
 )
-from airflow_provider_imagen.batch.table import ImageSpec, expand_specs
+from airflow_provider_imagen.batch.table import ImageSpec, expand_specs, read_prompt_table
 
 IDENTITY = RunIdentity("catalog", "manual__2026-01-01T00:00:00+00:00", "generate", 3)
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -375,3 +377,51 @@ def test_100k_rows_build_and_write_correctly(tmp_path: Path) -> None:
     assert manifest_credits(frame) == 46 * n
     assert frame["prompt_id"].iloc[-1] == f"sku-{n - 1}"
     assert pa.types.is_timestamp(pq.read_schema(Path(ObjectStoragePath(uri).path)).field("completed_at").type)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto), so nothing here can silently assume a local disk."""
+    server_module = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket="imagen")
+    yield url
+    server.stop()
+
+
+def test_table_and_manifest_on_s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = {
+        "conn_type": "aws",
+        "login": "k",
+        "password": "s",
+        "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_IMAGEN_S3_TEST", json.dumps(conn))
+    root = ObjectStoragePath("s3://imagen/prompts/", conn_id="imagen_s3_test")
+    for day, ids in (("2026-01-02", ["c"]), ("2026-01-01", ["a", "b"])):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table({"prompt_id": ids, "prompt": [f"prompt {i}" for i in ids]}), buffer)
+        (root / f"ds={day}" / "part-0.parquet").write_bytes(buffer.getvalue().to_pybytes())
+
+    table = read_prompt_table(root)
+    assert table["prompt_id"].tolist() == ["a", "b", "c"]
+    assert table["ds"].tolist() == ["2026-01-01", "2026-01-01", "2026-01-02"]
+
+    out = ObjectStoragePath("s3://imagen/out/", conn_id="imagen_s3_test")
+    dest = manifest_path(out, identity=IDENTITY)
+    rows = [
+        manifest_row(s, None, identity=IDENTITY, override_status="skipped_budget")
+        for s in expand_specs(table)
+    ]
+    uri = write_manifest(rows, dest)
+    assert "run_id=manual__2026-01-01T00%3A00%3A00%2B00%3A00" in uri
+    frame = read_manifest(dest)
+    assert frame["prompt_id"].tolist() == ["a", "b", "c"]
+    assert manifest_counts(frame)["skipped_budget"] == 3
+    assert [p.name for p in dest.parent.iterdir()] == ["generate__3.parquet"]

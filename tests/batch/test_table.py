@@ -89,6 +89,14 @@ class TestReadPromptTable:
         assert specs[0].valid and specs[0].prompt_id == "1"
         assert specs[1].invalid_reason == "row 1: prompt_id=<NA>: is missing (null)"
 
+    def test_files_written_by_pandas_keep_their_index_as_a_column_or_drop_it(self, tmp_path: Path) -> None:
+        frame = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x", "y"]}, index=[10, 20])
+        frame.to_parquet(tmp_path / "unnamed.parquet")
+        frame.set_index("prompt_id").to_parquet(tmp_path / "named.parquet")
+        assert list(read_prompt_table(tmp_path / "unnamed.parquet").columns) == ["prompt_id", "prompt"]
+        named = read_prompt_table(tmp_path / "named.parquet")
+        assert named["prompt_id"].tolist() == ["a", "b"] and named.index.tolist() == [0, 1]
+
     def test_a_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(PromptTableError, match=r"does not exist"):
             read_prompt_table(tmp_path / "nope.parquet")
