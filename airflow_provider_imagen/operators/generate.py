@@ -93,12 +93,12 @@ class ImagenGenerateOperator(BaseOperator):
         the task stays paid for and a retry re-attaches to it.
     :param journal_path: where the exactly-once journal lives; default ``[imagen] journal_root``, else a
         ``_journal`` folder beside ``output_path``, else under ``$AIRFLOW_HOME``. Must be storage that
-        every worker sees.
+        every worker sees. Templated.
     :param resubmit_unknown: pay again for a submit whose outcome an earlier try could not learn (a
         timeout or 5xx after sending). Off by default: that earlier POST may already have been paid.
     """
 
-    template_fields: Sequence[str] = ("prompt", "size", "imagen_conn_id", "output_path")
+    template_fields: Sequence[str] = ("prompt", "size", "imagen_conn_id", "output_path", "journal_path")
     operator_extra_links = (ImagenImageLink(),)
     ui_color = "#e8f0fe"
 
@@ -111,7 +111,7 @@ class ImagenGenerateOperator(BaseOperator):
         output_path: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 2.0,
-        expected_render: float = 8.0,
+        expected_render: float = 10.0,
         poll_backoff: float = 1.5,
         timeout: float = 600.0,
         journal_path: str | None = None,
@@ -141,6 +141,9 @@ class ImagenGenerateOperator(BaseOperator):
         except ImagenInputError as exc:
             # Bad input does not get better on retry, and nothing has been paid: fail now, no retries.
             raise AirflowFailException(f"invalid input, nothing was submitted: {exc}") from exc
+        # The extra link is resolved when the task defers or ends; give it a value to find until the
+        # image is mirrored, so Airflow does not log a failed XCom lookup.
+        context["ti"].xcom_push(key=IMAGE_URI_XCOM_KEY, value=None)
         journal = self._journal(context)
         entry = journal.load().get(IMAGE_KEY)
         if entry is not None and entry.mirrored is not None:
