@@ -63,3 +63,20 @@ def imagen_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch)
     conn = {"conn_type": "imagen", "host": emulator.base_url, "password": emulator.api_key}
     monkeypatch.setenv("AIRFLOW_CONN_IMAGEN_DEFAULT", json.dumps(conn))
     return "imagen_default"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto), so nothing can silently assume a local disk."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket="imagen")
+    yield url
+    server.stop()

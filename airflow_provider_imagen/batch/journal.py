@@ -34,7 +34,9 @@ from airflow_provider_imagen.batch.storage import as_path, write_whole
 
 log = logging.getLogger(__name__)
 
-RecordKind = Literal["intent", "submitted", "rejected", "ambiguous", "terminal", "mirrored", "timeout"]
+RecordKind = Literal[
+    "intent", "submitted", "rejected", "ambiguous", "terminal", "mirrored", "mirror_failed", "timeout"
+]
 #: Every record kind, in the order a request normally goes through them.
 RECORD_KINDS: Final[tuple[str, ...]] = (
     "intent",
@@ -43,6 +45,7 @@ RECORD_KINDS: Final[tuple[str, ...]] = (
     "ambiguous",
     "terminal",
     "mirrored",
+    "mirror_failed",
     "timeout",
 )
 _SEGMENT_SUFFIX: Final = ".jsonl"
@@ -69,11 +72,31 @@ class JournalEntry:
     mirrored: dict[str, Any] | None = None
     #: Set when a deadline passed while the task was still processing.
     timed_out_at: float | None = None
+    #: POSTs whose outcome was unknown: each may have been charged.
+    ambiguous_count: int = 0
+    #: Why the last submit was rejected, and when (a rejection clears the intent).
+    rejected_reason: str | None = None
+    rejected_at: float | None = None
+    #: Why mirroring the latest task's image failed after retries, when, and whether its URL expired.
+    mirror_error: str | None = None
+    mirror_failed_at: float | None = None
+    expired: bool = False
 
     @property
     def task_id(self) -> str | None:
         """Return the task id to follow: the latest one received."""
         return self.task_ids[-1] if self.task_ids else None
+
+    @property
+    def charged_submits(self) -> int:
+        """Return how many POSTs for this request may have been charged and not refunded.
+
+        Every task id counts, but the latest one not if it ended ``failed``/``not_found`` (refunded);
+        every ambiguous POST counts; so does an intent a crash left without any answer.
+        """
+        refunded = 1 if self.status in ("failed", "not_found") else 0
+        crashed = 1 if self.pending_intent and self.ambiguous_reason is None else 0
+        return len(self.task_ids) - refunded + self.ambiguous_count + crashed
 
     @property
     def unknown_submit(self) -> bool:
@@ -86,6 +109,7 @@ class JournalEntry:
         if kind == "intent":
             self.pending_intent = True
             self.ambiguous_reason = None
+            self.rejected_reason = self.rejected_at = None
         elif kind == "submitted":
             self.pending_intent = False
             if record["task_id"] not in self.task_ids:
@@ -93,11 +117,15 @@ class JournalEntry:
             self.submitted_at = record.get("ts")
             # A new task starts with no outcome of its own.
             self.status = self.error_code = self.error_message = self.completed_at = self.mirrored = None
-            self.timed_out_at = None
+            self.timed_out_at = self.mirror_error = self.mirror_failed_at = None
+            self.expired = False
         elif kind == "rejected":
             self.pending_intent = False
+            self.rejected_reason = record.get("reason")
+            self.rejected_at = record.get("ts")
         elif kind == "ambiguous":
             self.ambiguous_reason = record.get("reason")
+            self.ambiguous_count += 1
         elif kind == "terminal":
             if record.get("task_id") == self.task_id:
                 self.status = record["status"]
@@ -107,6 +135,12 @@ class JournalEntry:
         elif kind == "mirrored":
             if record.get("task_id") == self.task_id:
                 self.mirrored = record["image"]
+                self.mirror_error = self.mirror_failed_at = None
+        elif kind == "mirror_failed":
+            if record.get("task_id") == self.task_id:
+                self.mirror_error = record.get("reason")
+                self.mirror_failed_at = record.get("ts")
+                self.expired = bool(record.get("expired"))
         elif kind == "timeout" and record.get("task_id") == self.task_id:
             self.timed_out_at = record.get("ts")
 

@@ -50,6 +50,7 @@ ManifestStatus = Literal[
     "expired",
     "not_found",
     "download_failed",
+    "not_submitted",
 ]
 #: Every status a manifest row may have, in this order in counts.
 STATUSES: Final[tuple[str, ...]] = get_args(ManifestStatus)
@@ -78,6 +79,10 @@ NOT_FOUND: Final = "not_found"
 #: The task completed (charged) but mirroring failed after retries; a later try may still mirror it
 #: while the URL lives.
 DOWNLOAD_FAILED: Final = "download_failed"
+
+#: Valid and affordable, but never sent: the run's deadline passed or it stopped (out of credits at the
+#: API) before its turn came. Free; the next run or a retry sends it.
+NOT_SUBMITTED: Final = "not_submitted"
 
 #: Statuses that cost :data:`CREDITS_PER_IMAGE`: a task was (or, for an ambiguous POST, may have been)
 #: created and not refunded. Every other status costs 0: refunded by the API (failed, moderated), never

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +98,7 @@ class TestSchema:
             "expired",
             "not_found",
             "download_failed",
+            "not_submitted",
         )
 
     def test_the_credits_rule(self) -> None:
@@ -113,6 +113,7 @@ class TestSchema:
             "invalid": 0,
             "skipped_budget": 0,
             "not_found": 0,
+            "not_submitted": 0,
         }
         assert {s for s in STATUSES if credits_for(s)} == CHARGED_STATUSES
         with pytest.raises(ValueError, match="unknown manifest status 'done'"):
@@ -284,6 +285,7 @@ class TestWriteAndRead:
             "expired": 0,
             "not_found": 0,
             "download_failed": 0,
+            "not_submitted": 0,
             "total": 5,
         }
         assert manifest_credits(rows) == manifest_credits(frame) == 92
@@ -377,22 +379,6 @@ def test_100k_rows_build_and_write_correctly(tmp_path: Path) -> None:
     assert manifest_credits(frame) == 46 * n
     assert frame["prompt_id"].iloc[-1] == f"sku-{n - 1}"
     assert pa.types.is_timestamp(pq.read_schema(Path(ObjectStoragePath(uri).path)).field("completed_at").type)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3-compatible server (moto), so nothing here can silently assume a local disk."""
-    server_module = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client(
-        "s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
-    ).create_bucket(Bucket="imagen")
-    yield url
-    server.stop()
 
 
 def test_table_and_manifest_on_s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
