@@ -35,7 +35,7 @@ from airflow_provider_imagen.batch.storage import as_path, write_whole
 log = logging.getLogger(__name__)
 
 RecordKind = Literal[
-    "intent", "submitted", "rejected", "ambiguous", "terminal", "mirrored", "mirror_failed", "timeout"
+    "intent", "submitted", "rejected", "ambiguous", "terminal", "mirrored", "mirror_failed", "timeout", "try"
 ]
 #: Every record kind, in the order a request normally goes through them.
 RECORD_KINDS: Final[tuple[str, ...]] = (
@@ -47,7 +47,11 @@ RECORD_KINDS: Final[tuple[str, ...]] = (
     "mirrored",
     "mirror_failed",
     "timeout",
+    "try",
 )
+#: Key of the records that describe a try of the task instance, not a request (no request key has a
+#: ``/``: prompt ids with one are invalid).
+TRY_KEY: Final = "/try"
 _SEGMENT_SUFFIX: Final = ".jsonl"
 
 
@@ -81,6 +85,8 @@ class JournalEntry:
     mirror_error: str | None = None
     mirror_failed_at: float | None = None
     expired: bool = False
+    #: For :data:`TRY_KEY` only: the latest try's clock (started_at, deadline, budget).
+    clock: dict[str, Any] | None = None
 
     @property
     def task_id(self) -> str | None:
@@ -141,6 +147,8 @@ class JournalEntry:
                 self.mirror_error = record.get("reason")
                 self.mirror_failed_at = record.get("ts")
                 self.expired = bool(record.get("expired"))
+        elif kind == "try":
+            self.clock = {k: v for k, v in record.items() if k not in ("e", "k", "ts")}
         elif kind == "timeout" and record.get("task_id") == self.task_id:
             self.timed_out_at = record.get("ts")
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from airflow_provider_imagen.api.client import ImagenClient
 from airflow_provider_imagen.api.errors import (
@@ -41,6 +44,8 @@ class SubmitReport:
     rejected: dict[str, Exception] = field(default_factory=dict)
     #: Set when the account ran out of credits; the caller should stop submitting.
     out_of_credits: InsufficientCreditsError | None = None
+    #: Every journal record written for the chunk, in order (callers fold them instead of re-reading).
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def idempotency_key(journal: Journal, key: str, attempt: int) -> str:
@@ -58,21 +63,30 @@ def submit_chunk(
     requests: Mapping[str, ImageRequest],
     *,
     attempts: Mapping[str, int] | None = None,
+    min_interval: float = 0.0,
 ) -> SubmitReport:
     """Journal the intents, POST each request once, journal what came back.
 
     :param requests: key → request, in submit order.
     :param attempts: key → how many task ids the key already has (for the idempotency key).
+    :param min_interval: seconds between two POSTs at least (the submit rate bound).
     """
     report = SubmitReport()
     if not requests:
         return report
-    journal.append(record("intent", key) for key in requests)
+    intents = [record("intent", key) for key in requests]
+    journal.append(intents)
+    report.records += intents
+    last_post = -math.inf
     try:
         for key, request in requests.items():
             if report.out_of_credits is not None:
                 report.rejected[key] = report.out_of_credits
                 continue
+            wait = last_post + min_interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            last_post = time.monotonic()
             try:
                 task = client.submit(
                     request, idempotency_key=idempotency_key(journal, key, (attempts or {}).get(key, 0))
@@ -91,7 +105,7 @@ def submit_chunk(
         unsent = [k for k in requests if k not in report.submitted and k not in report.ambiguous]
         for key in unsent:
             report.rejected.setdefault(key, RuntimeError("not sent: the submit loop stopped first"))
-        journal.append(
+        outcomes = (
             [record("submitted", key, task_id=tid) for key, tid in report.submitted.items()]
             + [record("ambiguous", key, reason=reason) for key, reason in report.ambiguous.items()]
             + [
@@ -99,4 +113,6 @@ def submit_chunk(
                 for key, error in report.rejected.items()
             ]
         )
+        journal.append(outcomes)
+        report.records += outcomes
     return report

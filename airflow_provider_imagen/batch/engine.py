@@ -1,0 +1,330 @@
+"""One pass of a batch: absorb what the poller saw, mirror, refill the window, then wait or finish.
+
+Why passes: a batch of thousands of images runs as one Airflow task that comes back to a worker only when
+there is work (images to mirror, room in the window) and waits in the triggerer in between. Each pass
+rebuilds its state from the prompt table and the journal (DESIGN rule 9), so a pass can run on any
+worker, after any crash, in any try. The operator is a thin adapter: it turns a :class:`Wait` into a
+deferral (or a blocking poll) and a :class:`Finish` into its return value.
+
+Invariants:
+- money is spent only in :func:`airflow_provider_imagen.batch.submit.submit_chunk`, after the plan of
+  :mod:`airflow_provider_imagen.batch.window` allowed it (window, budget, unknown submits);
+- every request ends in the manifest with exactly one status, even when the run stops early;
+- no signed URL leaves this module: it is fetched, used for the download and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_imagen.api.client import ImagenClient
+from airflow_provider_imagen.api.errors import ImageExpiredError, ImagenError
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, credits_to_usd
+from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
+from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.storage import as_path
+from airflow_provider_imagen.batch.submit import submit_chunk
+from airflow_provider_imagen.batch.table import ImageSpec
+from airflow_provider_imagen.batch.window import WindowPlan, plan_window
+from airflow_provider_imagen.polling import PollOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The knobs of a batch run that shape its passes (all JSON-safe)."""
+
+    max_in_flight: int = 100
+    #: Come back to the worker once this share of the window has ended (at least one task).
+    refill_fraction: float = 0.25
+    max_credits: int | None = None
+    resubmit_unknown: bool = False
+    #: POSTs per second at most; ``None`` for as fast as the API answers (429s are still honoured).
+    max_submit_rate: float | None = 20.0
+    #: Intents journalled per segment: a crash mid-chunk leaves at most this many unknown submits.
+    journal_chunk: int = 25
+    #: Parallel downloads when mirroring.
+    mirror_concurrency: int = 8
+    #: Seconds between progress lines.
+    progress_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight={self.max_in_flight}: must be at least 1")
+        if not 0 < self.refill_fraction <= 1:
+            raise ValueError(f"refill_fraction={self.refill_fraction}: must be in (0, 1]")
+        if self.max_credits is not None and self.max_credits <= 0:
+            raise ValueError(
+                f"max_credits={self.max_credits}: must be a positive number of credits "
+                f"({CREDITS_PER_IMAGE} per image), or None for no budget"
+            )
+        if self.max_submit_rate is not None and self.max_submit_rate <= 0:
+            raise ValueError(f"max_submit_rate={self.max_submit_rate}: must be positive, or None")
+
+
+@dataclass
+class RunClock:
+    """Wall-clock facts of one try that must survive between passes (they ride the deferral kwargs)."""
+
+    #: When this try started (epoch seconds).
+    started_at: float
+    #: When this try must stop waiting (epoch seconds).
+    deadline: float
+    #: When the last progress line was logged.
+    progress_at: float = 0.0
+    #: The effective budget for this try (``max_credits`` capped by a balance check), if any.
+    budget: int | None = None
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Return the JSON-safe form for ``defer(kwargs=…)``."""
+        return {
+            "started_at": self.started_at,
+            "deadline": self.deadline,
+            "progress_at": self.progress_at,
+            "budget": self.budget,
+        }
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Poll these tasks until ``fire_when_done`` of them end, then run another pass."""
+
+    task_ids: list[str]
+    submitted_at: list[float | None]
+    fire_when_done: int
+
+
+@dataclass
+class Finish:
+    """Nothing is left to do (or the run stopped): write the manifest with these overrides."""
+
+    #: key → (status, reason) for requests the journal cannot describe alone.
+    overrides: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Why the run stopped early, if it did.
+    stopped: str | None = None
+
+
+class BatchPass:
+    """Everything one pass needs; build one per pass, call :meth:`run` once."""
+
+    def __init__(
+        self,
+        *,
+        client: ImagenClient,
+        journal: Journal,
+        specs: Sequence[ImageSpec],
+        images_root: ObjectStoragePath | str,
+        settings: BatchSettings,
+        clock: RunClock,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.specs = specs
+        self.images_root = as_path(images_root)
+        self.settings = settings
+        self.clock = clock
+        self.now = now
+        self.entries: dict[str, JournalEntry] = journal.load()
+        self._by_key = {spec.key: spec for spec in specs}
+        self._logged_progress = False
+
+    # -- the pass ------------------------------------------------------------------------------
+
+    def run(self, outcome: PollOutcome | None) -> Wait | Finish:
+        """Absorb ``outcome`` (``None`` on the first pass of a try), act, and say what comes next."""
+        if outcome is not None:
+            self._absorb(outcome)
+            if outcome.status == "error":
+                raise ImagenError(
+                    f"polling failed: {outcome.message}. Paid tasks are journalled; a retry of this task "
+                    "re-attaches to them without paying again"
+                )
+        stop = self._stop_reason()
+        plan = self._plan(stop is not None)
+        if plan.to_mirror:
+            self._mirror(plan.to_mirror)
+            plan = self._plan(stop is not None)
+        if plan.to_submit:
+            stop = self._submit(plan.to_submit) or stop
+            plan = self._plan(stop is not None)
+        if plan.in_flight and self.now() < self.clock.deadline:
+            self._progress(plan)
+            window = len(plan.in_flight)
+            refillable = bool(plan.waiting) and not plan.budget_bound and stop is None
+            # More to send: come back when a share of the window has ended, to refill it. Nothing more
+            # to send: come back once, when every task has ended.
+            need = max(1, math.ceil(window * self.settings.refill_fraction)) if refillable else window
+            return Wait(
+                task_ids=list(plan.in_flight.values()),
+                submitted_at=[self.entries[k].submitted_at for k in plan.in_flight],
+                fire_when_done=need,
+            )
+        return self._finish(plan, stop)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _plan(self, stop_submitting: bool) -> WindowPlan:
+        return plan_window(
+            self.specs,
+            self.entries,
+            max_in_flight=self.settings.max_in_flight,
+            max_credits=self.clock.budget,
+            resubmit_unknown=self.settings.resubmit_unknown,
+            retry_mirror_after=self.clock.started_at,
+            stop_submitting=stop_submitting,
+        )
+
+    def _stop_reason(self) -> str | None:
+        """Return why no more may be submitted in this try, if anything forbids it."""
+        if self.now() >= self.clock.deadline:
+            return "deadline"
+        for entry in self.entries.values():
+            if (
+                entry.rejected_reason
+                and entry.rejected_reason.startswith("InsufficientCreditsError")
+                and (entry.rejected_at or 0) >= self.clock.started_at
+            ):
+                return "insufficient_credits"
+        return None
+
+    def _absorb(self, outcome: PollOutcome) -> None:
+        key_of = {e.task_id: k for k, e in self.entries.items() if e.task_id}
+        records = []
+        for task_id, state in outcome.tasks.items():
+            key = key_of.get(task_id)
+            if key is None or state.status == "processing":
+                continue
+            entry = self.entries[key]
+            if entry.status is not None:
+                continue
+            records.append(
+                record("terminal", key, task_id=task_id, status=state.status, error_code=state.error_code)
+            )
+        if outcome.status == "timeout":
+            records += [
+                record("timeout", key_of[t], task_id=t) for t in outcome.processing_ids if t in key_of
+            ]
+        self._write(records)
+
+    def _mirror(self, keys: Iterable[str]) -> None:
+        """Fetch each task's URL (it never rode the event) and mirror its image, in parallel."""
+
+        def one(key: str) -> dict[str, Any]:
+            entry = self.entries[key]
+            spec = self._by_key[key]
+            dest = self.images_root / image_file_name(spec.prompt_id, spec.size, spec.variation)
+            try:
+                task = self.client.get_task(entry.task_id or "")
+                if not task.image_url:
+                    raise ImagenError(f"task {task.id} is completed but carries no image URL")
+                image = mirror_image(self.client, task.image_url, dest)
+            except ImageExpiredError as exc:
+                return record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
+            except (ImagenError, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                return record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
+            return record("mirrored", key, task_id=entry.task_id, image=image.to_dict())
+
+        keys = list(keys)
+        with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
+            records = list(pool.map(one, keys))
+        failed = [r for r in records if r["e"] == "mirror_failed"]
+        for r in failed[:5]:
+            log.warning("Could not mirror %s: %s", r["k"], r["reason"])
+        self._write(records)
+
+    def _submit(self, specs: Sequence[ImageSpec]) -> str | None:
+        """Submit in journalled chunks at the bounded rate; return a stop reason if the API ran dry."""
+        chunk = self.settings.journal_chunk
+        gap = 1.0 / self.settings.max_submit_rate if self.settings.max_submit_rate else 0.0
+        for start in range(0, len(specs), chunk):
+            part = specs[start : start + chunk]
+            attempts = {s.key: len(self.entries[s.key].task_ids) for s in part if s.key in self.entries}
+            report = submit_chunk(
+                self.client,
+                self.journal,
+                {s.key: s.request for s in part if s.request is not None},
+                attempts=attempts,
+                min_interval=gap,
+            )
+            self._fold(report.records)
+            if report.out_of_credits is not None:
+                log.error(
+                    "The API says the account is out of credits; submitting stops: %s", report.out_of_credits
+                )
+                return "insufficient_credits"
+        return None
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            self.journal.append(records)
+            self._fold(records)
+
+    def _fold(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for rec in records:
+            entry = self.entries.get(rec["k"])
+            if entry is None:
+                entry = self.entries[rec["k"]] = JournalEntry(rec["k"])
+            entry.apply(rec)
+
+    def _progress(self, plan: WindowPlan, *, force: bool = False) -> None:
+        now = self.now()
+        if self._logged_progress or (
+            not force and now - self.clock.progress_at < self.settings.progress_interval
+        ):
+            return
+        self._logged_progress = True
+        self.clock.progress_at = now
+        elapsed = max(now - self.clock.started_at, 1e-6)
+        done_here = max(plan.done, 0)
+        rate = done_here / elapsed
+        left = plan.total - plan.done
+        eta = f"{left / rate:,.0f} s" if rate > 0 and left else ("0 s" if not left else "unknown")
+        budget = f" of budget {self.clock.budget:,}" if self.clock.budget is not None else ""
+        log.info(
+            "Progress: %d/%d done, %d in flight, %d waiting, %d failed, %d moderated, %d unknown; "
+            "credits %s%s ($%.2f); %.1f images/min; ETA %s",
+            plan.done,
+            plan.total,
+            len(plan.in_flight),
+            len(plan.waiting) + len(plan.to_submit),
+            plan.failed,
+            plan.moderated,
+            len(plan.unknown),
+            f"{plan.committed:,}",
+            budget,
+            credits_to_usd(plan.committed),
+            rate * 60,
+            eta,
+        )
+
+    def _finish(self, plan: WindowPlan, stop: str | None) -> Finish:
+        self._progress(plan, force=True)
+        finish = Finish(stopped=stop)
+        if plan.in_flight:  # the deadline passed with tasks still rendering
+            self._write([record("timeout", k, task_id=t) for k, t in plan.in_flight.items()])
+            finish.stopped = finish.stopped or "deadline"
+        for spec in plan.waiting:
+            if stop == "insufficient_credits":
+                finish.overrides[spec.key] = ("skipped_budget", "the API reported insufficient credits")
+            elif stop == "deadline":
+                finish.overrides[spec.key] = ("not_submitted", "the run's deadline passed before its turn")
+            else:
+                finish.overrides[spec.key] = (
+                    "skipped_budget",
+                    f"max_credits={self.clock.budget} would be exceeded ({CREDITS_PER_IMAGE} per image)",
+                )
+        for key, entry in self.entries.items():
+            if entry.expired:
+                finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")
+        return finish

@@ -1,0 +1,134 @@
+"""Decide, from the journal alone, what a batch pass must do next: mirror, submit, wait, or finish.
+
+Why pure: a batch runs as many short passes (``execute``, then ``execute_complete`` after each trigger
+event, possibly on other workers and across retries). Each pass rebuilds its view from the specs and the
+journal, never from memory (DESIGN rule 9); this module turns that view into a plan without I/O, so the
+rules — the window bound, the budget, what an unknown submit means — are tested without a server.
+
+Invariants:
+- never more than ``max_in_flight`` tasks in flight after the plan's submits;
+- the credits that may have been charged (``committed``) plus 46 per planned submit never exceed
+  ``max_credits``;
+- an unknown submit is never planned again unless ``resubmit_unknown`` is set;
+- specs are submitted in table order, so a budget cut keeps the first rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
+from airflow_provider_imagen.batch.journal import JournalEntry
+from airflow_provider_imagen.batch.table import ImageSpec
+
+#: Journal statuses that end a request (the API will not change its mind).
+ENDED: frozenset[str] = frozenset({"completed", "failed", "not_found"})
+
+
+@dataclass
+class WindowPlan:
+    """What one pass should do, and the counts it reports."""
+
+    #: key → task id: submitted, no final status yet.
+    in_flight: dict[str, str] = field(default_factory=dict)
+    #: Completed but not mirrored (and not given up on): download these now.
+    to_mirror: list[str] = field(default_factory=list)
+    #: Specs to submit in this pass, in order.
+    to_submit: list[ImageSpec] = field(default_factory=list)
+    #: Valid specs not yet submitted beyond this pass (waiting for window room or budget).
+    waiting: list[ImageSpec] = field(default_factory=list)
+    #: Keys with an unknown submit that stay unknown (no consent to pay again).
+    unknown: list[str] = field(default_factory=list)
+    #: Credits that may have been charged so far.
+    committed: int = 0
+    #: Requests that have reached their final state (including invalid ones).
+    done: int = 0
+    total: int = 0
+    #: Keys whose final state is a failure (failed or not found), moderated excluded.
+    failed: int = 0
+    moderated: int = 0
+    #: Whether the budget is what keeps ``waiting`` from being submitted.
+    budget_bound: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Return whether nothing is left to mirror, wait for, or submit."""
+        return not self.in_flight and not self.to_mirror and not self.to_submit and not self.waiting
+
+
+def plan_window(
+    specs: Sequence[ImageSpec],
+    entries: Mapping[str, JournalEntry],
+    *,
+    max_in_flight: int,
+    max_credits: int | None = None,
+    resubmit_unknown: bool = False,
+    retry_mirror_after: float | None = None,
+    stop_submitting: bool = False,
+) -> WindowPlan:
+    """Plan one pass.
+
+    :param max_in_flight: the window: tasks submitted and not yet finished, at most.
+    :param max_credits: the run's budget; ``None`` for none.
+    :param resubmit_unknown: plan unknown submits again (paying again if the first POST was charged).
+    :param retry_mirror_after: mirror failures recorded before this time are tried again (a new try of
+        the task); later ones are final for this try. ``None`` never retries them.
+    :param stop_submitting: plan no new submits (out of credits at the API, or past the deadline).
+    """
+    plan = WindowPlan(total=len(specs))
+    unsent: list[ImageSpec] = []
+    for spec in specs:
+        if not spec.valid:
+            plan.done += 1
+            continue
+        entry = entries.get(spec.key)
+        if entry is None:
+            unsent.append(spec)
+            continue
+        plan.committed += CREDITS_PER_IMAGE * entry.charged_submits
+        if entry.unknown_submit:
+            if resubmit_unknown:
+                unsent.append(spec)
+            else:
+                plan.unknown.append(spec.key)
+                plan.done += 1
+            continue
+        if entry.task_id is None:  # every submit so far was provably rejected
+            unsent.append(spec)
+            continue
+        if entry.status not in ENDED:
+            plan.in_flight[spec.key] = entry.task_id
+            continue
+        if (
+            entry.status == "completed"
+            and entry.mirrored is None
+            and _mirror_again(entry, retry_mirror_after)
+        ):
+            plan.to_mirror.append(spec.key)
+            continue
+        plan.done += 1
+        if entry.status == "failed" and entry.error_code == 80006:
+            plan.moderated += 1
+        elif entry.status in ("failed", "not_found"):
+            plan.failed += 1
+    if stop_submitting:
+        plan.waiting = unsent
+        return plan
+    room = max(0, max_in_flight - len(plan.in_flight))
+    affordable = len(unsent)
+    if max_credits is not None:
+        affordable = max(0, (max_credits - plan.committed) // CREDITS_PER_IMAGE)
+    take = min(room, affordable, len(unsent))
+    plan.to_submit = unsent[:take]
+    plan.waiting = unsent[take:]
+    plan.budget_bound = bool(plan.waiting) and affordable <= room
+    return plan
+
+
+def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
+    if entry.mirror_failed_at is None:
+        return True
+    if entry.expired:
+        return False
+    return retry_after is not None and entry.mirror_failed_at < retry_after

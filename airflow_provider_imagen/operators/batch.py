@@ -1,0 +1,359 @@
+"""Generate images for a whole prompt table in one task: thousands of prompts, paid once, one manifest.
+
+One task instance per prompt (the stock approach) is capped at 1024 by ``max_map_length`` and costs
+seconds of scheduling per prompt (DESIGN rule 8). This operator keeps a bounded window of tasks in flight
+at the API, waits for them in the triggerer, and comes back to a worker only to mirror finished images
+and refill the window. The work of each pass lives in :mod:`airflow_provider_imagen.batch.engine`; this
+module adapts it to Airflow (deferral, XCom, Asset events, failure policy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from airflow.configuration import conf
+from airflow.sdk import Asset, BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_provider_imagen.api.errors import ImagenError, ImagenInputError, InsufficientCreditsError
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
+from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
+from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, record, resolve_journal_root
+from airflow_provider_imagen.batch.storage import as_path
+from airflow_provider_imagen.hooks.imagen import ImagenHook
+from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
+from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_imagen.batch.table import ImageSpec
+
+OnInvalid = Literal["record", "fail"]
+#: Extra time given to ``defer(timeout=…)``: the trigger enforces the real deadline.
+SAFETY_MARGIN: Final = timedelta(minutes=10)
+
+
+class ImagenBatchGenerateOperator(BaseOperator):
+    """Generate one image per (row × size × variation) of a prompt table, mirror them, write a manifest.
+
+    Money: every paid submit is journalled before it is sent, the budget is checked before every POST,
+    and retries (of the whole task, after a crash, a triggerer restart or a clear) re-attach to the tasks
+    an earlier try paid for. Results go to storage: XCom gets only ``{manifest_uri, counts, credits}``.
+
+    :param prompts: the prompt table: a Parquet file or folder on any ``ObjectStoragePath`` (``file://``,
+        ``s3://``…), or a list of records. Templated.
+    :param output_path: folder for the images (``images/``) and the manifest (``manifests/``). Templated.
+    :param imagen_conn_id: the ``imagen`` connection. Templated.
+    :param id_column: column holding the unique prompt id.
+    :param prompt_column: column holding the prompt text.
+    :param size_column: column holding a ratio or a list of ratios per row (optional in the table).
+    :param sizes: ratios for rows that give none (e.g. ``["1:1", "16:9", "9:16"]``).
+    :param default_size: the ratio when neither the row nor ``sizes`` gives one.
+    :param variations: images per prompt and size; each is its own paid request.
+    :param on_invalid: ``"record"`` puts bad rows in the manifest as ``invalid`` and sends the rest;
+        ``"fail"`` fails the task before anything is submitted if any row is bad.
+    :param max_credits: budget for the run in credits (46 per image); rows beyond it are
+        ``skipped_budget``. ``None`` for no budget.
+    :param check_balance: read the account balance first and cap the budget at it.
+    :param max_in_flight: tasks rendering at the API at once, at most.
+    :param refill_fraction: come back to refill the window once this share of it has ended.
+    :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers).
+    :param timeout: seconds for the whole try; tasks still rendering then are ``timeout`` in the
+        manifest (a retry re-attaches to them), unsent rows ``not_submitted``.
+    :param expected_render: seconds after its submit at which a task is first polled.
+    :param poll_interval: first interval between polls of an overdue task (grows by 1.5×).
+    :param resubmit_unknown: pay again for submits whose outcome is unknown (see the journal docs).
+    :param fail_on_error_rate: fail the task (after writing the manifest) when more than this share of
+        the valid requests failed; moderated requests are not counted here.
+    :param fail_on_moderation_rate: the same for moderated requests.
+    :param mirror_concurrency: parallel downloads.
+    :param progress_interval: seconds between progress lines in the log.
+    :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
+    :param deferrable: wait in the triggerer between passes (no worker slot held). Default
+        ``[operators] default_deferrable``.
+    """
+
+    template_fields: Sequence[str] = ("prompts", "output_path", "imagen_conn_id", "journal_path")
+    ui_color = "#d2e3fc"
+
+    def __init__(
+        self,
+        *,
+        prompts: str | list[dict[str, Any]] | Any,
+        output_path: str,
+        imagen_conn_id: str = ImagenHook.default_conn_name,
+        id_column: str = "prompt_id",
+        prompt_column: str = "prompt",
+        size_column: str = "size",
+        sizes: Sequence[str] | None = None,
+        default_size: str = DEFAULT_SIZE,
+        variations: int = 1,
+        on_invalid: OnInvalid = "record",
+        max_credits: int | None = None,
+        check_balance: bool = False,
+        max_in_flight: int = 100,
+        refill_fraction: float = 0.25,
+        max_submit_rate: float | None = 20.0,
+        timeout: float = 6 * 3600.0,
+        expected_render: float = 10.0,
+        poll_interval: float = 2.0,
+        resubmit_unknown: bool = False,
+        fail_on_error_rate: float | None = None,
+        fail_on_moderation_rate: float | None = None,
+        mirror_concurrency: int = 8,
+        progress_interval: float = 30.0,
+        journal_path: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
+    ) -> None:
+        if on_invalid not in ("record", "fail"):
+            raise ValueError(f"on_invalid={on_invalid!r}: must be 'record' or 'fail'")
+        if variations < 1:
+            raise ValueError(f"variations={variations}: must be at least 1")
+        if timeout <= 0:
+            raise ValueError(f"timeout={timeout}: must be a positive number of seconds")
+        if "outlets" not in kwargs and isinstance(output_path, str) and "{{" not in output_path:
+            kwargs["outlets"] = [Asset(manifests_asset_uri(output_path))]
+        super().__init__(**kwargs)
+        self.prompts = prompts
+        self.output_path = output_path
+        self.imagen_conn_id = imagen_conn_id
+        self.id_column = id_column
+        self.prompt_column = prompt_column
+        self.size_column = size_column
+        self.sizes = list(sizes) if sizes is not None else None
+        self.default_size = default_size
+        self.variations = variations
+        self.on_invalid = on_invalid
+        self.check_balance = check_balance
+        self.timeout = timeout
+        self.fail_on_error_rate = fail_on_error_rate
+        self.fail_on_moderation_rate = fail_on_moderation_rate
+        self.journal_path = journal_path
+        self.deferrable = deferrable
+        self.settings = BatchSettings(
+            max_in_flight=max_in_flight,
+            refill_fraction=refill_fraction,
+            max_credits=max_credits,
+            resubmit_unknown=resubmit_unknown,
+            max_submit_rate=max_submit_rate,
+            mirror_concurrency=mirror_concurrency,
+            progress_interval=progress_interval,
+        )
+        self.schedule = PollSchedule(expected_render=expected_render, poll_interval=poll_interval)
+
+    # -- Airflow entry points ----------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        specs = self._specs()
+        now = time.time()
+        clock = RunClock(started_at=now, deadline=now + self.timeout, budget=self.settings.max_credits)
+        client = self._client()
+        self._log_estimate(specs, clock, client)
+        # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
+        # ``dag.test()`` drops them when it runs the trigger in-line.
+        self._journal(context).append([record("try", TRY_KEY, **clock.to_kwargs())])
+        return self._run(context, specs, clock, None)
+
+    def execute_complete(
+        self,
+        context: Context,
+        event: dict[str, Any] | None = None,
+        progress_at: float = 0.0,
+        **_: Any,
+    ) -> dict[str, Any]:
+        """Resume after the trigger: validate its event and run the next pass."""
+        outcome = PollOutcome.from_event(event)
+        saved = self._journal(context).load().get(TRY_KEY)
+        if saved is None or saved.clock is None:
+            raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
+        clock = RunClock(**{**saved.clock, "progress_at": progress_at})
+        return self._run(context, self._specs(), clock, outcome)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _run(
+        self, context: Context, specs: list[ImageSpec], clock: RunClock, outcome: PollOutcome | None
+    ) -> dict[str, Any]:
+        client = self._client()
+        journal = Journal.for_task_instance(
+            resolve_journal_root(self.journal_path, self.output_path), context
+        )
+        while True:
+            step = BatchPass(
+                client=client,
+                journal=journal,
+                specs=specs,
+                images_root=as_path(self.output_path) / "images",
+                settings=self.settings,
+                clock=clock,
+            ).run(outcome)
+            if isinstance(step, Finish):
+                return self._finish(context, specs, journal, step)
+            if self.deferrable:
+                self.defer(
+                    trigger=ImagenTaskTrigger(
+                        imagen_conn_id=self.imagen_conn_id,
+                        task_ids=step.task_ids,
+                        deadline=clock.deadline,
+                        submitted_at=step.submitted_at,
+                        fire_when_done=step.fire_when_done,
+                        **self.schedule.to_kwargs(),
+                    ),
+                    method_name="execute_complete",
+                    kwargs=clock.to_kwargs(),
+                    timeout=timedelta(seconds=max(clock.deadline - time.time(), 0)) + SAFETY_MARGIN,
+                )
+            outcome = poll_tasks(
+                client,
+                step.task_ids,
+                deadline=clock.deadline,
+                schedule=self.schedule,
+                submitted_at=dict(zip(step.task_ids, step.submitted_at, strict=True)),  # type: ignore[arg-type]
+                fire_when_done=step.fire_when_done,
+            )
+
+    def _finish(
+        self, context: Context, specs: list[ImageSpec], journal: Journal, finish: Finish
+    ) -> dict[str, Any]:
+        from airflow_provider_imagen.batch.manifest import (
+            RunIdentity,
+            manifest_counts,
+            manifest_credits,
+            manifest_path,
+            manifest_row,
+            write_manifest,
+        )
+
+        entries = journal.load()
+        identity = RunIdentity.from_context(context)
+        rows = []
+        for spec in specs:
+            status, reason = finish.overrides.get(spec.key, (None, None))
+            rows.append(
+                manifest_row(
+                    spec,
+                    entries.get(spec.key),
+                    identity=identity,
+                    override_status=status,
+                    override_reason=reason,
+                )
+            )
+        uri = write_manifest(rows, manifest_path(self.output_path, identity=identity))
+        counts = {k: v for k, v in manifest_counts(rows).items() if v}
+        credits = manifest_credits(rows)
+        result = {"manifest_uri": uri, "counts": counts, "credits": credits}
+        self.log.info(
+            "Manifest written to %s: %s; %d credits ($%.2f)%s.",
+            uri,
+            ", ".join(f"{k} {v}" for k, v in counts.items()),
+            credits,
+            credits_to_usd(credits),
+            f"; stopped early: {finish.stopped}" if finish.stopped else "",
+        )
+        for outlet in self.outlets:
+            if isinstance(outlet, Asset):
+                context["outlet_events"][outlet].extra = result
+        self._enforce_rates(counts)
+        if finish.stopped == "insufficient_credits":
+            raise InsufficientCreditsError(
+                f"the account ran out of credits; the manifest at {uri} lists what was made and what was "
+                "skipped. Top up and clear the task: a retry sends only what is missing",
+                status_code=402,
+            )
+        return result
+
+    def _enforce_rates(self, counts: dict[str, int]) -> None:
+        valid = counts.get("total", 0) - counts.get("invalid", 0)
+        if not valid:
+            return
+        failed = counts.get("failed", 0) + counts.get("not_found", 0)
+        for share, limit, what in (
+            (failed / valid, self.fail_on_error_rate, "failed"),
+            (counts.get("moderated", 0) / valid, self.fail_on_moderation_rate, "moderated"),
+        ):
+            if limit is not None and share > limit:
+                raise AirflowFailException(
+                    f"{share:.1%} of {valid} valid requests {what}, over the limit of {limit:.1%} "
+                    "(the manifest was written)"
+                )
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _specs(self) -> list[ImageSpec]:
+        from airflow_provider_imagen.batch.table import (
+            expand_specs,
+            raise_if_invalid,
+            read_prompt_table,
+            summarize_invalid,
+        )
+
+        try:
+            table = read_prompt_table(
+                self.prompts,
+                id_column=self.id_column,
+                prompt_column=self.prompt_column,
+                size_column=self.size_column,
+            )
+            specs = expand_specs(
+                table,
+                id_column=self.id_column,
+                prompt_column=self.prompt_column,
+                size_column=self.size_column,
+                sizes=self.sizes,
+                default_size=self.default_size,
+                variations=self.variations,
+            )
+            if self.on_invalid == "fail":
+                raise_if_invalid(specs)
+        except ImagenInputError as exc:
+            # Bad input does not improve on retry, and nothing was paid: fail now, without retries.
+            raise AirflowFailException(f"invalid prompt table, nothing was submitted: {exc}") from exc
+        if any(not s.valid for s in specs):
+            self.log.warning("%s", summarize_invalid(specs))
+        return specs
+
+    def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> None:
+        valid = sum(1 for s in specs if s.valid)
+        cost = valid * CREDITS_PER_IMAGE
+        self.log.info(
+            "Estimate: %d images requested, %d valid, %d invalid; %d × %d credits = %d credits ($%.2f)%s.",
+            len(specs),
+            valid,
+            len(specs) - valid,
+            valid,
+            CREDITS_PER_IMAGE,
+            cost,
+            credits_to_usd(cost),
+            f"; budget {clock.budget} credits" if clock.budget is not None else "",
+        )
+        if clock.budget is not None and clock.budget < cost:
+            self.log.warning(
+                "The budget covers %d of %d images; the rest will be skipped_budget.",
+                clock.budget // CREDITS_PER_IMAGE,
+                valid,
+            )
+        if self.check_balance:
+            balance = client.get_balance()
+            self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))
+            if balance < cost:
+                self.log.warning("The balance covers %d of %d images.", balance // CREDITS_PER_IMAGE, valid)
+            clock.budget = balance if clock.budget is None else min(clock.budget, balance)
+
+    def _client(self) -> Any:
+        return ImagenHook(self.imagen_conn_id).get_conn()
+
+    def _journal(self, context: Context) -> Journal:
+        return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
+
+
+def manifests_asset_uri(output_path: str) -> str:
+    """Return the Asset URI of an output folder's manifests (``file://`` for plain paths)."""
+    uri = str(output_path).rstrip("/")
+    if "://" not in uri:
+        uri = f"file://{uri}"
+    return f"{uri}/manifests"
