@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +54,10 @@ RECORD_KINDS: Final[tuple[str, ...]] = (
 #: ``/``: prompt ids with one are invalid).
 TRY_KEY: Final = "/try"
 _SEGMENT_SUFFIX: Final = ".jsonl"
+#: Reads restarted when a segment vanishes mid-read (a concurrent compaction).
+_LOAD_ATTEMPTS: Final = 5
+#: Compact the journal into one snapshot when a read finds more segments than this.
+DEFAULT_COMPACT_OVER: Final = 200
 
 
 @dataclass
@@ -165,6 +170,7 @@ class Journal:
     :param task_id: the Airflow task id.
     :param run_id: the DAG run id.
     :param map_index: the map index; ``-1`` for unmapped tasks.
+    :param compact_over: fold the segments into one snapshot when a read finds more than this many.
     """
 
     def __init__(
@@ -175,7 +181,9 @@ class Journal:
         task_id: str,
         run_id: str,
         map_index: int = -1,
+        compact_over: int = DEFAULT_COMPACT_OVER,
     ) -> None:
+        self.compact_over = compact_over
         self.path = as_path(root) / _part(dag_id) / _part(run_id) / _part(task_id) / f"map_{map_index}"
 
     @classmethod
@@ -198,29 +206,45 @@ class Journal:
     def load(self) -> dict[str, JournalEntry]:
         """Fold every segment, oldest first, into one entry per request key.
 
-        An absent journal is empty; an unreadable segment raises :class:`JournalReadError`.
+        An absent journal is empty; an unreadable segment raises :class:`JournalReadError`. A segment
+        that vanishes while we read (another pass compacted it into a snapshot) restarts the read, so
+        no record is ever missed.
         """
-        entries: dict[str, JournalEntry] = {}
-        for segment in self._segments():
+        for _ in range(_LOAD_ATTEMPTS):
+            segments = self._segments()
             try:
-                text = segment.read_text(encoding="utf-8")
+                texts = [(segment, self._read(segment)) for segment in segments]
             except FileNotFoundError:
                 continue
-            except Exception as exc:
-                raise JournalReadError(f"cannot read journal segment {segment}: {exc}") from exc
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    key = record["k"]
-                    entry = entries.get(key)
-                    if entry is None:
-                        entry = entries[key] = JournalEntry(key)
-                    entry.apply(record)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise JournalReadError(f"{segment} line {number} is not a journal record: {exc}") from exc
-        return entries
+            entries: dict[str, JournalEntry] = {}
+            for segment, text in texts:
+                _fold_text(entries, segment, text)
+            if len(segments) > self.compact_over:
+                self._compact(texts)
+            return entries
+        raise JournalReadError(f"{self.path}: segments kept vanishing while reading ({_LOAD_ATTEMPTS} tries)")
+
+    @staticmethod
+    def _read(segment: ObjectStoragePath) -> str:
+        try:
+            return segment.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise JournalReadError(f"cannot read journal segment {segment}: {exc}") from exc
+
+    def _compact(self, texts: list[tuple[ObjectStoragePath, str]]) -> None:
+        """Replace many small segments by one snapshot at the same place in the order.
+
+        The snapshot is written (whole) before any segment is deleted, and sorts right after the last
+        segment it holds and before any later one, so the fold is unchanged for every reader.
+        """
+        last = texts[-1][0].name.removesuffix(_SEGMENT_SUFFIX)
+        body = "".join(text if text.endswith("\n") else text + "\n" for _, text in texts)
+        write_whole(self.path / f"{last}~{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}", body.encode("utf-8"))
+        for segment, _ in texts:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
 
     def _segments(self) -> list[ObjectStoragePath]:
         try:
@@ -255,6 +279,21 @@ def _part(value: str) -> str:
     """Return ``value`` as one safe path segment (no ``/``, no ``..``)."""
     quoted = quote(str(value), safe="-_.+=@,")
     return quoted if quoted not in (".", "..", "") else quoted.replace(".", "%2E") or "%00"
+
+
+def _fold_text(entries: dict[str, JournalEntry], segment: ObjectStoragePath, text: str) -> None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = record["k"]
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = JournalEntry(key)
+            entry.apply(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalReadError(f"{segment} line {number} is not a journal record: {exc}") from exc
 
 
 def resolve_journal_root(
