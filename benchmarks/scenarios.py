@@ -1,0 +1,43 @@
+"""The benchmark suite: every scenario in one list, so one command runs them side by side in one session.
+
+Why a list of plain records: issue 6 wants ours and the baselines run on the same machine, against the same
+emulator settings, in the same session. Adding a scenario (ours: ``benchmarks/dags/imagen_batch.py``) is
+one line here; the harness only needs a DAG id and a conf. Settings (see :class:`Scenario`): ``name``,
+``dag_id``, ``n``, ``max_in_flight``, ``parallelism``, ``latency_mean``/``latency_jitter`` (emulator),
+``timeout_s``, ``expect`` (the DAG-run state that counts as the expected outcome), extra ``conf``,
+``airflow_config`` (``AIRFLOW__…`` variables), ``emulator_args`` (extra emulator CLI flags), ``note``.
+"""
+
+from __future__ import annotations
+
+from benchmarks.harness import Scenario
+
+SUITE: list[Scenario] = [
+    Scenario("stock_http_400", dag_id="stock_http", n=400, timeout_s=1200,
+             note="HttpOperator + HttpSensor + download, mapped per prompt"),
+    Scenario("hand_loop_400", dag_id="hand_loop", n=400, timeout_s=600,
+             note="one @task: submit all, poll all every 2 s, download"),
+    Scenario("stock_http_1500", dag_id="stock_http", n=1500, timeout_s=600, expect="failed",
+             note="beyond [core] max_map_length = 1024"),
+    # Ours, once benchmarks/dags/imagen_batch.py exists (ImagenBatchGenerateOperator):
+    # Scenario("imagen_batch_400", dag_id="imagen_batch", n=400, max_in_flight=400, timeout_s=600),
+    # Scenario("imagen_batch_2000", dag_id="imagen_batch", n=2000, max_in_flight=100, timeout_s=900),
+]  # fmt: skip
+"""The full suite (issue 6, scenarios 4 and 5; ours to be added). About 25 minutes for one repeat."""
+
+QUICK: list[Scenario] = [
+    Scenario("stock_http_40", dag_id="stock_http", n=40, timeout_s=300),
+    Scenario("hand_loop_40", dag_id="hand_loop", n=40, timeout_s=180),
+    Scenario("stock_http_1500", dag_id="stock_http", n=1500, timeout_s=300, expect="failed"),
+    # Scenario("imagen_batch_40", dag_id="imagen_batch", n=40, max_in_flight=40, timeout_s=180),
+]  # fmt: skip
+"""A smoke-sized suite that fits in a few minutes (the same DAGs and settings, N = 40)."""
+
+
+def by_name(names: list[str]) -> list[Scenario]:
+    """Pick scenarios from both lists by name, in the order given; unknown names raise ``KeyError``."""
+    known = {scenario.name: scenario for scenario in [*SUITE, *QUICK]}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise KeyError(f"unknown scenario(s): {', '.join(missing)}; known: {', '.join(sorted(known))}")
+    return [known[name] for name in names]
