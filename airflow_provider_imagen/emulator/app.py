@@ -155,7 +155,7 @@ def create_app(
             return PlainTextResponse(exc.message, status_code=exc.status)
         if ticket.html:
             return HTMLResponse(_HTML_PAGE)
-        data = await run_in_threadpool(images.get, ticket.prompt, ticket.size, ticket.scale)
+        data = await run_in_threadpool(images.get, ticket.prompt, ticket.size, ticket.scale, ticket.task_id)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # ------------------------------------------------------------------ control (no auth)

@@ -149,8 +149,12 @@ def _layout(prompt: str, width: int, height: int) -> tuple[FontType, list[str], 
     return font, lines, line_height
 
 
-def render_png(prompt: str, size: str, scale: float = 1.0) -> bytes:
-    """Render ``prompt`` as PNG bytes at Imagen 4's pixel size for ``size`` (times ``scale``)."""
+def render_png(prompt: str, size: str, scale: float = 1.0, task_id: str = "") -> bytes:
+    """Render ``prompt`` as PNG bytes at Imagen 4's pixel size for ``size`` (times ``scale``).
+
+    The task id goes in the footer: like real renders, two tasks with the same prompt (variations)
+    give different images.
+    """
     width, height = pixel_size(size, scale)
     background = background_colour(prompt)
     ink = _text_colour(background)
@@ -164,9 +168,12 @@ def render_png(prompt: str, size: str, scale: float = 1.0) -> bytes:
         draw.text(((width - line_width) / 2, top + index * line_height), line, fill=ink, font=font)
 
     footer_size = max(8, int(min(width, height) / 40))
-    footer = f"reAPI emulator · {MODEL} · {size} · {width}x{height}"
+    footer = f"reAPI emulator · {MODEL} · {size} · {width}x{height}" + (f" · {task_id}" if task_id else "")
     footer_font = load_font(footer_size)
     draw.text((footer_size, height - footer_size * 2), footer, fill=ink, font=footer_font)
+
+    if task_id:  # a thin stripe coloured by the task id: distinct bytes even where the footer is clipped
+        draw.rectangle((0, 0, width, max(2, height // 100)), fill=background_colour(task_id))
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
@@ -174,12 +181,12 @@ def render_png(prompt: str, size: str, scale: float = 1.0) -> bytes:
 
 
 class ImageCache:
-    """A thread-safe LRU of rendered PNGs keyed by (prompt, size, scale)."""
+    """A thread-safe LRU of rendered PNGs keyed by (prompt, size, scale, task id)."""
 
     def __init__(self, maxsize: int = 64) -> None:
         """Keep at most ``maxsize`` images."""
         self.maxsize = maxsize
-        self._items: OrderedDict[tuple[str, str, float], bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, float, str], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -187,15 +194,15 @@ class ImageCache:
         with self._lock:
             return len(self._items)
 
-    def get(self, prompt: str, size: str, scale: float = 1.0) -> bytes:
+    def get(self, prompt: str, size: str, scale: float = 1.0, task_id: str = "") -> bytes:
         """Return the PNG for these inputs, rendering it on a miss (outside the lock)."""
-        key = (prompt, size, scale)
+        key = (prompt, size, scale, task_id)
         with self._lock:
             cached = self._items.get(key)
             if cached is not None:
                 self._items.move_to_end(key)
                 return cached
-        data = render_png(prompt, size, scale)
+        data = render_png(prompt, size, scale, task_id)
         with self._lock:
             self._items[key] = data
             self._items.move_to_end(key)
