@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowSensorTimeout
+from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 from airflow_provider_imagen.api.errors import TaskNotFoundError, task_failure
 from airflow_provider_imagen.hooks.imagen import ImagenHook
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class ImagenTaskSensor(BaseSensorOperator):
-    """Wait until an Imagen task is ``completed``; fail (or skip with ``soft_fail``) if it ``failed``.
+    """Wait until an Imagen task is ``completed``; fail without retry (or skip with ``soft_fail``) if not.
 
     It pokes once on the worker; if the task is still processing and ``deferrable`` is set, it hands the
     wait to :class:`ImagenTaskTrigger` with an absolute deadline of ``timeout`` seconds from now, so no
@@ -58,14 +58,28 @@ class ImagenTaskSensor(BaseSensorOperator):
         task = ImagenHook(self.imagen_conn_id).get_conn().get_task(self.imagen_task_id)
         self.log.info("Task %s is %s.", task.id, task.status)
         if task.status == "failed":
-            raise task_failure(task.id, task.error_code, task.error_message)
+            self._fail(task_failure(task.id, task.error_code, task.error_message))
         return task.status == "completed"
+
+    def _fail(self, error: Exception) -> None:
+        """Fail for good: a failed render never turns into a success, so retrying is pointless.
+
+        ``AirflowFailException`` is also what ``soft_fail`` turns into a skip; the typed error
+        (:class:`ContentModeratedError`, :class:`TaskFailedError`…) is chained as its cause.
+        """
+        raise AirflowFailException(str(error)) from error
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
             super().execute(context)
             return self._result("completed")
-        if self.poke(context):
+        try:
+            done = self.poke(context)
+        except AirflowFailException as exc:
+            if self.soft_fail or self.never_fail:  # as the base class does for its own pokes
+                raise AirflowSkipException(f"Skipping: soft_fail is set and {exc}") from exc
+            raise
+        if done:
             return self._result("completed")
         self.defer(
             trigger=ImagenTaskTrigger(
@@ -89,9 +103,11 @@ class ImagenTaskSensor(BaseSensorOperator):
         if outcome.status == "error":
             raise RuntimeError(f"polling task {self.imagen_task_id} failed: {outcome.message}")
         if state.status == "not_found":
-            raise TaskNotFoundError(f"task {self.imagen_task_id} is unknown to the API", status_code=404)
+            self._fail(
+                TaskNotFoundError(f"task {self.imagen_task_id} is unknown to the API", status_code=404)
+            )
         if state.status == "failed":
-            raise task_failure(self.imagen_task_id, state.error_code, None)
+            self._fail(task_failure(self.imagen_task_id, state.error_code, None))
         return self._result(state.status)
 
     def _result(self, status: str) -> dict[str, Any]:

@@ -52,9 +52,15 @@ for deferrable in (True, False):
             on_retry_callback=remove_blocker,
         )
 
-for mode in ("deferrable", "poke", "reschedule"):
+for mode, soft_fail in (
+    ("deferrable", False),
+    ("poke", False),
+    ("reschedule", False),
+    ("deferrable", True),
+    ("poke", True),
+):
     with DAG(
-        dag_id=f"imagen_test_sensor_{mode}",
+        dag_id=f"imagen_test_sensor_{mode}{'_soft' if soft_fail else ''}",
         start_date=datetime(2026, 1, 1),
         schedule=None,
         catchup=False,
@@ -77,5 +83,5 @@ for mode in ("deferrable", "poke", "reschedule"):
             expected_render=0.1,
             poll_interval=0.1,
             timeout=float(os.environ.get("IMAGEN_TEST_TIMEOUT", "30")),
-            soft_fail=bool(os.environ.get("IMAGEN_TEST_SOFT_FAIL")),
+            soft_fail=soft_fail,
         ).set_upstream(submit())
