@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-DAGS = Path(__file__).resolve().parent / "dags"
 
 
 def run_dag(dag_id: str, **conf: Any) -> Any:
     """Parse the test DAGs afresh (module-level env is read at parse time) and run one with ``conf``."""
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(DAGS))
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag(dag_id).test(run_conf=conf)
 
@@ -47,7 +47,5 @@ def xcoms(dag_run: Any) -> dict[tuple[str, str], Any]:
 
 def metadata_db_bytes() -> bytes:
     """Return the raw SQLite file: trigger kwargs, events, XCom and logs-in-DB all live in it."""
-    import os
-
     conn = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     return Path(conn.removeprefix("sqlite:///")).read_bytes()

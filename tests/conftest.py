@@ -16,8 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="imagen-airflow-home-"))
+#: ``dag.test()`` runs only DAGs of the dags folder, so it holds both the example DAGs users copy and
+#: the DAGs written for the tests (as links: nothing is copied, nothing goes stale).
+DAGS_FOLDER = _AIRFLOW_HOME / "dags"
+DAGS_FOLDER.mkdir()
+(DAGS_FOLDER / "examples").symlink_to(ROOT / "dags", target_is_directory=True)
+(DAGS_FOLDER / "tests").symlink_to(ROOT / "tests" / "dags", target_is_directory=True)
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "tests" / "dags")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
