@@ -500,7 +500,7 @@ class Sample:
 
     t: float
     rss: dict[str, int]
-    pss: dict[str, int]
+    pss: dict[str, int] | None
     cpu: dict[str, float]
     procs: dict[str, int]
     system_cpu_percent: float
@@ -523,9 +523,8 @@ class Sampler(threading.Thread):
         self.stop_event = threading.Event()
         self.state_source: Callable[[], dict[str, int]] | None = None
         self.own_cpu_s = 0.0
-        self.pss_every = max(1, round(2.0 / interval))
+        self.pss_every = max(1, round(10.0 / interval))
         self._ticks = 0
-        self._pss: dict[tuple[int, float], int] = {}
         self._component: dict[tuple[int, float], str] = {}
         self._cpu: dict[tuple[int, float], float] = {}
         self.errors = 0
@@ -575,22 +574,22 @@ class Sampler(threading.Thread):
         rss: dict[str, int] = {}
         pss: dict[str, int] = {}
         procs: dict[str, int] = {}
-        # PSS (smaps_rollup) costs ~1 ms a process: read it every ``pss_every`` ticks, carry it between.
+        # PSS (smaps_rollup) costs up to 6 ms per big Airflow process, ~0.4 s for the whole tree: read it
+        # only every ``pss_every`` ticks (10 s), so the sampler stays near 1 % of a core.
         full = self._ticks % self.pss_every == 0
         self._ticks += 1
         for name, key, proc in self._walk():
             self._component.setdefault(key, name)
             try:
                 with proc.oneshot():
-                    mem = proc.memory_full_info() if full or key not in self._pss else proc.memory_info()
+                    mem = proc.memory_full_info() if full else proc.memory_info()
                     times = proc.cpu_times()
             except psutil.Error:
                 continue
             self._cpu[key] = times.user + times.system
-            if hasattr(mem, "pss"):
-                self._pss[key] = mem.pss
             rss[name] = rss.get(name, 0) + mem.rss
-            pss[name] = pss.get(name, 0) + self._pss.get(key, mem.rss)
+            if full:
+                pss[name] = pss.get(name, 0) + getattr(mem, "pss", mem.rss)
             procs[name] = procs.get(name, 0) + 1
         cpu: dict[str, float] = {}
         for key, seconds in self._cpu.items():
@@ -602,7 +601,7 @@ class Sampler(threading.Thread):
                 states = self.state_source()
             except Exception:  # a locked SQLite or a restarting DB must not end the sampling
                 self.errors += 1
-        return Sample(now, rss, pss, cpu, procs, psutil.cpu_percent(None), states)
+        return Sample(now, rss, pss if full else None, cpu, procs, psutil.cpu_percent(None), states)
 
     def run(self) -> None:
         """Sample until :meth:`stop` (bounded by the caller, who always stops it)."""
@@ -635,7 +634,10 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
         return sum(sample.rss.get(p, 0) for p in parts)
 
     def pss_of(sample: Sample, parts: Iterable[str]) -> int:
-        return sum(sample.pss.get(p, 0) for p in parts)
+        return sum((sample.pss or {}).get(p, 0) for p in parts)
+
+    with_pss = [s for s in samples if s.pss is not None and t0 - 15 <= s.t <= t1]
+    pss_first = next((s for s in reversed(with_pss) if s.t <= t0), with_pss[0] if with_pss else None)
 
     def cpu_of(sample: Sample, parts: Iterable[str]) -> float:
         return sum(sample.cpu.get(p, 0.0) for p in parts)
@@ -657,20 +659,22 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
     out: dict[str, Any] = {"samples": len(window), "window_s": round(span, 1)}
     for label, parts in groups.items():
         peak = max(rss_of(s, parts) for s in window)
-        pss_peak = max(pss_of(s, parts) for s in window)
+        pss_peak = max((pss_of(s, parts) for s in with_pss), default=0)
+        pss_start = pss_of(pss_first, parts) if pss_first else 0
         out[label] = {
             "rss_start_mb": round(rss_of(first, parts) / MB, 1),
             "rss_peak_mb": round(peak / MB, 1),
             "rss_growth_mb": round((peak - rss_of(first, parts)) / MB, 1),
-            "pss_start_mb": round(pss_of(first, parts) / MB, 1),
+            "pss_start_mb": round(pss_start / MB, 1),
             "pss_peak_mb": round(pss_peak / MB, 1),
-            "pss_growth_mb": round((pss_peak - pss_of(first, parts)) / MB, 1),
+            "pss_growth_mb": round((pss_peak - pss_start) / MB, 1),
             "cpu_mean_percent": round(100 * (cpu_of(last, parts) - cpu_of(first, parts)) / span, 1),
             "cpu_peak_2s_percent": round(peak_cpu_percent(parts), 1),
             "cpu_seconds": round(cpu_of(last, parts) - cpu_of(first, parts), 1),
         }
     out["pss_peak_mb_by_component"] = {
-        part: round(max(s.pss.get(part, 0) for s in window) / MB, 1) for part in AIRFLOW_PARTS
+        part: round(max(((s.pss or {}).get(part, 0) for s in with_pss), default=0) / MB, 1)
+        for part in AIRFLOW_PARTS
     }
     out["max_processes"] = max(sum(s.procs.get(p, 0) for p in AIRFLOW_PARTS) for s in window)
     machine = statistics.fmean(s.system_cpu_percent for s in window)
@@ -873,6 +877,9 @@ def run_scenario(
         api_port = free_port()
         api = f"http://127.0.0.1:{api_port}"
         env = airflow_env(home, api_port, db_url, scenario.parallelism, emulator_url, scenario.airflow_config)
+        result["airflow_settings"] = {
+            k: v for k, v in sorted(env.items()) if k.startswith("AIRFLOW__") and "SECRET" not in k
+        }
         t = time.monotonic()
         migrate = subprocess.run(
             [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def run_dag(dag_id: str, **conf: Any) -> Any:
     """Parse the test DAGs afresh (module-level env is read at parse time) and run one with ``conf``."""
     from airflow.dag_processing.dagbag import DagBag
