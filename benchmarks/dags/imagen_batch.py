@@ -1,0 +1,37 @@
+"""Ours: ImagenBatchGenerateOperator over the harness's prompt table, one DAG per window size.
+
+Run conf (written by the harness): ``prompt_table`` (Parquet URI), ``output_uri`` (folder URI). The
+window (``max_in_flight``) is not templated, so each window size is its own DAG: ``imagen_batch_w<W>``.
+Connection: ``imagen_default`` (the harness points it at its emulator).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from airflow_provider_imagen.operators.batch import ImagenBatchGenerateOperator
+
+#: Window sizes the suite uses; the harness picks the DAG by name.
+WINDOWS = (40, 100, 400, 1000, 2000)
+
+for window in WINDOWS:
+    with DAG(
+        dag_id=f"imagen_batch_w{window}",
+        start_date=datetime(2026, 1, 1),
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        tags=["benchmark", "ours"],
+    ):
+        ImagenBatchGenerateOperator(
+            task_id="generate",
+            prompts="{{ dag_run.conf['prompt_table'] }}",
+            output_path="{{ dag_run.conf['output_uri'] }}",
+            max_in_flight=window,
+            max_submit_rate=float(os.environ.get("IMAGEN_BENCH_SUBMIT_RATE", "200")),
+            deferrable=True,
+            progress_interval=10.0,
+        )
