@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import ObjectStoragePath
 
@@ -31,10 +32,12 @@ from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, credits_to_usd
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
-from airflow_provider_imagen.batch.submit import submit_chunk
-from airflow_provider_imagen.batch.table import ImageSpec
+from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
 from airflow_provider_imagen.batch.window import WindowPlan, plan_window
 from airflow_provider_imagen.polling import PollOutcome
+
+if TYPE_CHECKING:
+    from airflow_provider_imagen.batch.table import ImageSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class BatchSettings:
     journal_chunk: int | None = None
     #: Parallel downloads when mirroring.
     mirror_concurrency: int = 8
+    #: POSTs in flight at once (each still journalled before it is sent).
+    submit_concurrency: int = 4
     #: Seconds between progress lines.
     progress_interval: float = 30.0
 
@@ -245,25 +250,36 @@ class BatchPass:
         self._write(records)
 
     def _submit(self, specs: Sequence[ImageSpec]) -> str | None:
-        """Submit in journalled chunks at the bounded rate; return a stop reason if the API ran dry."""
-        chunk = self.settings.journal_chunk or (1 if self.journal.path.protocol in LOCAL_PROTOCOLS else 10)
-        gap = 1.0 / self.settings.max_submit_rate if self.settings.max_submit_rate else 0.0
-        for start in range(0, len(specs), chunk):
-            part = specs[start : start + chunk]
+        """Submit in journalled chunks, a few at a time, at the bounded rate.
+
+        Returns a stop reason when the API ran out of credits (the other chunks then stop too).
+        """
+        size = self.settings.journal_chunk or (1 if self.journal.path.protocol in LOCAL_PROTOCOLS else 10)
+        chunks = [specs[i : i + size] for i in range(0, len(specs), size)]
+        pace = RateLimiter(self.settings.max_submit_rate)
+        dry = threading.Event()
+
+        def one(part: Sequence[ImageSpec]) -> SubmitReport:
             attempts = {s.key: len(self.entries[s.key].task_ids) for s in part if s.key in self.entries}
             report = submit_chunk(
                 self.client,
                 self.journal,
                 {s.key: s.request for s in part if s.request is not None},
                 attempts=attempts,
-                min_interval=gap,
+                pace=pace,
+                should_stop=dry.is_set,
             )
-            self._fold(report.records)
             if report.out_of_credits is not None:
-                log.error(
-                    "The API says the account is out of credits; submitting stops: %s", report.out_of_credits
-                )
-                return "insufficient_credits"
+                dry.set()
+            return report
+
+        with ThreadPoolExecutor(max_workers=self.settings.submit_concurrency) as pool:
+            reports = list(pool.map(one, chunks))
+        for report in reports:
+            self._fold(report.records)
+        if dry.is_set():
+            log.error("The API says the account is out of credits; submitting stops.")
+            return "insufficient_credits"
         return None
 
     def _write(self, records: list[dict[str, Any]]) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,25 @@ class SubmitReport:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+class RateLimiter:
+    """Space calls at least ``1 / rate`` seconds apart, across threads (``None``: no bound)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._gap = 1.0 / rate if rate else 0.0
+        self._next = -math.inf
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        if not self._gap:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self._gap
+        if slot > now:
+            time.sleep(slot - now)
+
+
 def idempotency_key(journal: Journal, key: str, attempt: int) -> str:
     """Return a stable ``Idempotency-Key`` for the ``attempt``-th submit of ``key``.
 
@@ -63,13 +83,16 @@ def submit_chunk(
     requests: Mapping[str, ImageRequest],
     *,
     attempts: Mapping[str, int] | None = None,
-    min_interval: float = 0.0,
+    pace: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SubmitReport:
     """Journal the intents, POST each request once, journal what came back.
 
     :param requests: key → request, in submit order.
     :param attempts: key → how many task ids the key already has (for the idempotency key).
-    :param min_interval: seconds between two POSTs at least (the submit rate bound).
+    :param pace: called before each POST; blocks as long as the submit rate bound requires.
+    :param should_stop: checked before each POST; when true, the rest of the chunk is not sent (another
+        chunk ran out of credits).
     """
     report = SubmitReport()
     if not requests:
@@ -77,16 +100,12 @@ def submit_chunk(
     intents = [record("intent", key) for key in requests]
     journal.append(intents)
     report.records += intents
-    last_post = -math.inf
     try:
         for key, request in requests.items():
-            if report.out_of_credits is not None:
-                report.rejected[key] = report.out_of_credits
-                continue
-            wait = last_post + min_interval - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            last_post = time.monotonic()
+            if report.out_of_credits is not None or (should_stop is not None and should_stop()):
+                break
+            if pace is not None:
+                pace()
             try:
                 task = client.submit(
                     request, idempotency_key=idempotency_key(journal, key, (attempts or {}).get(key, 0))

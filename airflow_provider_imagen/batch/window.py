@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
-from airflow_provider_imagen.batch.table import ImageSpec
+
+if TYPE_CHECKING:
+    from airflow_provider_imagen.batch.table import ImageSpec
 
 #: Journal statuses that end a request (the API will not change its mind).
 ENDED: frozenset[str] = frozenset({"completed", "failed", "not_found"})
