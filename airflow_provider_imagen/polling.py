@@ -327,6 +327,9 @@ class PollTracker:
     :param start: the caller's "now" when it starts (epoch seconds).
     :param submitted_at: per-id submit time (epoch seconds); ids without one count as submitted at
         ``start``.
+    :param polled_until: the ids were polled on their grids by an earlier poller up to this instant
+        (epoch seconds): a batch's next trigger after a refill. ``None`` (a fresh start, a retry) polls
+        every overdue id once right away.
     """
 
     def __init__(
@@ -336,6 +339,7 @@ class PollTracker:
         *,
         start: float,
         submitted_at: Mapping[str, float | None] | None = None,
+        polled_until: float | None = None,
     ) -> None:
         self.schedule = schedule
         self.start = start
@@ -349,12 +353,15 @@ class PollTracker:
             submitted = known.get(tid)
             submitted = start if submitted is None else _number(f"submitted_at[{tid}]", submitted)
             first = submitted + schedule.expected_render
-            self._tracks[tid] = _Track(
-                submitted_at=submitted,
-                grid=first,
-                gap=schedule.poll_interval,
-                due=max(first, start),
-            )
+            track = _Track(submitted_at=submitted, grid=first, gap=schedule.poll_interval, due=first)
+            if polled_until is not None:
+                # An earlier poller followed this grid up to ``polled_until``: skip the instants it
+                # already polled instead of catching up on them (each would be one more GET per id).
+                while track.grid <= polled_until:
+                    track.grid += track.gap
+                    track.gap = min(track.gap * schedule.backoff, schedule.max_poll_interval)
+            track.due = max(track.grid, start)
+            self._tracks[tid] = track
         #: No poll at all before this instant (Retry-After or error backoff).
         self.paused_until = -math.inf
         #: Transient failure episodes in a row.
@@ -536,6 +543,7 @@ def _tracker(
     submitted_at: Mapping[str, float | None] | None,
     fire_when_done: int | None,
     start: float,
+    polled_until: float | None = None,
 ) -> PollTracker:
     """Validate a driver's arguments and build its tracker (shared by both drivers)."""
     if isinstance(task_ids, str):
@@ -543,7 +551,13 @@ def _tracker(
     _number("deadline", deadline)
     if fire_when_done is not None and _integer("fire_when_done", fire_when_done) < 1:
         raise ValueError(f"fire_when_done={fire_when_done}: must be >= 1 (or None for all)")
-    return PollTracker(task_ids, schedule or PollSchedule(), start=start, submitted_at=submitted_at)
+    return PollTracker(
+        task_ids,
+        schedule or PollSchedule(),
+        start=start,
+        submitted_at=submitted_at,
+        polled_until=polled_until,
+    )
 
 
 async def apoll_tasks(
@@ -554,6 +568,7 @@ async def apoll_tasks(
     schedule: PollSchedule | None = None,
     submitted_at: Mapping[str, float | None] | None = None,
     fire_when_done: int | None = None,
+    polled_until: float | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> PollOutcome:
@@ -565,8 +580,9 @@ async def apoll_tasks(
     :param deadline: absolute wall-clock time (epoch seconds, like ``time.time()``).
     :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
     :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
+    :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
     """
-    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock())
+    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
     gate = asyncio.Semaphore(tracker.schedule.max_concurrent_polls)
 
     async def poll_one(task_id: str) -> None:
@@ -602,6 +618,7 @@ def poll_tasks(
     schedule: PollSchedule | None = None,
     submitted_at: Mapping[str, float | None] | None = None,
     fire_when_done: int | None = None,
+    polled_until: float | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Any] = time.sleep,
 ) -> PollOutcome:
@@ -610,8 +627,9 @@ def poll_tasks(
     :param deadline: absolute wall-clock time (epoch seconds, like ``time.time()``).
     :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
     :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
+    :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
     """
-    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock())
+    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
     while True:
         now = clock()
         outcome = tracker.result(now, deadline, fire_when_done)

@@ -534,3 +534,21 @@ class TestDrivers:
         schedule = PollSchedule(expected_render=0, max_concurrent_polls=1)
         outcome = await run_driver("async", client, ids, deadline=clock.now + 10, schedule=schedule)
         assert outcome.status == "success" and len(client.calls) == 11  # 1 refused, then each once
+
+
+class TestPolledUntil:
+    def test_a_follow_up_poller_skips_instants_already_polled(self) -> None:
+        """After a batch refill, ids still rendering are not all polled at once: they keep their grid."""
+        schedule = PollSchedule()
+        fresh = PollTracker(["a"], schedule, start=120.0, submitted_at={"a": 100.0})
+        follow = PollTracker(["a"], schedule, start=120.0, submitted_at={"a": 100.0}, polled_until=120.0)
+        assert fresh.due(120.0) == ["a"]  # a fresh start catches up at once
+        assert follow.due(120.0) == []
+        # grid: 110, 112, 115, 119.5, 126.25 → the next instant after 120 is 126.25
+        assert follow.next_due("a") == pytest.approx(126.25)
+
+    def test_ids_submitted_after_the_mark_are_unaffected(self) -> None:
+        tracker = PollTracker(
+            ["b"], PollSchedule(), start=120.0, submitted_at={"b": 119.0}, polled_until=120.0
+        )
+        assert tracker.next_due("b") == pytest.approx(129.0)

@@ -107,6 +107,8 @@ class Wait:
     task_ids: list[str]
     submitted_at: list[float | None]
     fire_when_done: int
+    #: The ids were already polled on their grids up to this time (``None`` on a try's first pass).
+    polled_until: float | None = None
 
 
 @dataclass
@@ -148,6 +150,7 @@ class BatchPass:
 
     def run(self, outcome: PollOutcome | None) -> Wait | Finish:
         """Absorb ``outcome`` (``None`` on the first pass of a try), act, and say what comes next."""
+        resumed_at = self.now() if outcome is not None else None
         if outcome is not None:
             self._absorb(outcome)
             if outcome.status == "error":
@@ -174,6 +177,7 @@ class BatchPass:
                 task_ids=list(plan.in_flight.values()),
                 submitted_at=[self.entries[k].submitted_at for k in plan.in_flight],
                 fire_when_done=need,
+                polled_until=resumed_at,
             )
         return self._finish(plan, stop)
 

@@ -202,6 +202,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                         deadline=clock.deadline,
                         submitted_at=step.submitted_at,
                         fire_when_done=step.fire_when_done,
+                        polled_until=step.polled_until,
                         **self.schedule.to_kwargs(),
                     ),
                     method_name="execute_complete",
@@ -215,6 +216,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 schedule=self.schedule,
                 submitted_at=dict(zip(step.task_ids, step.submitted_at, strict=True)),  # type: ignore[arg-type]
                 fire_when_done=step.fire_when_done,
+                polled_until=step.polled_until,
             )
 
     def _finish(

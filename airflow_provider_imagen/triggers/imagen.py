@@ -49,6 +49,8 @@ class ImagenTaskTrigger(BaseTrigger):
         (or a ``None`` entry) means "unknown", counted from the trigger's start.
     :param fire_when_done: fire once this many ids have ended (``None``: all), so a batch can come back
         and refill its window early.
+    :param polled_until: an earlier trigger polled these ids on their grids up to this epoch time; skip
+        those instants instead of polling every overdue id at once (``None``: catch up).
     :param expected_render: seconds after submit of an id's first poll.
     :param poll_interval: seconds between the first "still processing" and the next poll.
     :param backoff: growth of the interval after each further "still processing".
@@ -65,6 +67,7 @@ class ImagenTaskTrigger(BaseTrigger):
         deadline: float,
         submitted_at: list[float | None] | None = None,
         fire_when_done: int | None = None,
+        polled_until: float | None = None,
         expected_render: float = _DEFAULTS.expected_render,
         poll_interval: float = _DEFAULTS.poll_interval,
         backoff: float = _DEFAULTS.backoff,
@@ -102,6 +105,8 @@ class ImagenTaskTrigger(BaseTrigger):
             None if submitted_at is None else [None if s is None else float(s) for s in submitted_at]
         )
         self.fire_when_done = None if fire_when_done is None else int(fire_when_done)
+        #: An earlier trigger polled these ids on their grids up to this epoch time (a batch refill).
+        self.polled_until = None if polled_until is None else float(polled_until)
         #: Validated here, so a bad schedule fails at ``defer()`` on the worker, not in the triggerer.
         self.schedule = PollSchedule(
             expected_render=expected_render,
@@ -128,6 +133,7 @@ class ImagenTaskTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "submitted_at": None if self.submitted_at is None else list(self.submitted_at),
                 "fire_when_done": self.fire_when_done,
+                "polled_until": self.polled_until,
                 **self.schedule.to_kwargs(),
             },
         )
@@ -176,6 +182,7 @@ class ImagenTaskTrigger(BaseTrigger):
                     schedule=self.schedule,
                     submitted_at=submitted,
                     fire_when_done=self.fire_when_done,
+                    polled_until=self.polled_until,
                 )
         except Exception as exc:
             message = f"polling failed: {safe_message(exc, secrets=[api_key])}"

@@ -162,7 +162,8 @@ class TestRestartsAndTwins:
         assert classpath == "airflow_provider_imagen.triggers.imagen.ImagenTaskTrigger"
         assert json.loads(json.dumps(kwargs)) == kwargs
         assert set(kwargs) == {
-            "imagen_conn_id", "task_ids", "deadline", "submitted_at", "fire_when_done", *FAST.field_names()
+            "imagen_conn_id", "task_ids", "deadline", "submitted_at", "fire_when_done", "polled_until",
+            *FAST.field_names(),
         }  # fmt: skip
         assert_clean(emulator, kwargs)
         old = ImagenTaskTrigger(task_ids=["task_a"], deadline=kwargs["deadline"])  # an older version's kwargs
