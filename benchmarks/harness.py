@@ -676,6 +676,10 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
         part: round(max(((s.pss or {}).get(part, 0) for s in with_pss), default=0) / MB, 1)
         for part in AIRFLOW_PARTS
     }
+    out["cpu_seconds_by_component"] = {
+        part: round(last.cpu.get(part, 0.0) - first.cpu.get(part, 0.0), 1)
+        for part in (*AIRFLOW_PARTS, "emulator")
+    }
     out["max_processes"] = max(sum(s.procs.get(p, 0) for p in AIRFLOW_PARTS) for s in window)
     machine = statistics.fmean(s.system_cpu_percent for s in window)
     out["machine_cpu_mean_percent"] = round(machine, 1)
@@ -942,13 +946,17 @@ def run_scenario(
         )
 
         def finished() -> dict[str, Any] | None:
+            if standalone is not None and standalone.poll() is not None:
+                raise BenchmarkError(f"airflow standalone died during the run ({standalone.returncode})")
             row = db.run(scenario.dag_id, run_id)
             return row if row and str(row["state"]) in ("success", "failed") else None
 
         try:
             run_row = wait_until(finished, scenario.timeout_s, 1.0, "the DAG run to finish")
             state = str(run_row["state"])
-        except BenchmarkError:
+        except BenchmarkError as exc:
+            if "timed out" not in str(exc):
+                raise
             run_row = db.run(scenario.dag_id, run_id) or {}
             state = "timeout"
         t_seen = time.time()

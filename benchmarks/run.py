@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):  # ``python benchmarks/run.py`` works too
@@ -134,8 +136,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for a in names:
         for b in names:
             sa, sb = summary[a], summary[b]
-            if a < b and sa["n"] == sb["n"] and sa["wall_s"] and sb["wall_s"]:
-                ratios.append({"a": a, "b": b, "wall_ratio_a_over_b": round(sa["wall_s"] / sb["wall_s"], 2)})
+            if sa["n"] == sb["n"] and sa["wall_s"] and sb["wall_s"] and sa["wall_s"] > sb["wall_s"]:
+                ratios.append({"slower": a, "faster": b, "wall_ratio": round(sa["wall_s"] / sb["wall_s"], 2)})
     return {"scenarios": summary, "ratios": ratios}
 
 
@@ -159,12 +161,20 @@ def print_summary(summary: dict[str, Any]) -> None:
         cells = "".join(format("" if entry.get(k) is None else f"{entry[k]:g}", ">16") for k in keys)
         print(f"  {name:<18}{cells}   ({entry['as_expected']}/{entry['runs']} as expected)")
     for ratio in summary["ratios"]:
-        print(f"  wall {ratio['a']} / {ratio['b']} = {ratio['wall_ratio_a_over_b']}")
+        print(f"  wall time {ratio['slower']} / {ratio['faster']} = {ratio['wall_ratio']}×")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen scenarios; exit 0 when every run ended as expected."""
     args = build_parser().parse_args(argv)
+    # Started in the background, we inherit SIGINT = ignored; and SIGTERM would skip the clean-up. Both
+    # become KeyboardInterrupt, so run_scenario's ``finally`` stops Airflow and the emulator by pid.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     scenarios = pick_scenarios(args)
     if args.list:
         for scenario in [*SUITE, *QUICK]:
