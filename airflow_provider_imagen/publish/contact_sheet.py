@@ -235,7 +235,12 @@ def _draw_header(
     draw: ImageDraw.ImageDraw, box: Box, title: str, subtitle: str, tiles: Sequence[Tile]
 ) -> None:
     draw.rectangle(box.corners(), fill=HEADER)
-    draw.text((24, 14), _ellipsize(title, _font(22, bold=True), box.width - 48), fill=HEADER_INK, font=_font(22, bold=True))
+    draw.text(
+        (24, 14),
+        _ellipsize(title, _font(22, bold=True), box.width - 48),
+        fill=HEADER_INK,
+        font=_font(22, bold=True),
+    )
     small = _font(14)
     draw.text((24, 46), _ellipsize(subtitle, small, box.width - 48), fill=(200, 203, 208), font=small)
     # A legend of the statuses present, right-aligned on the title line.
@@ -306,7 +311,7 @@ def _draw_placeholder(draw: ImageDraw.ImageDraw, box: Box, status: str, note: st
     for (text, font, fill_colour), height in zip(lines, heights, strict=True):
         width = int(font.getlength(text))
         x = box.x + (box.width - width) // 2
-        left, top, right, bottom = font.getbbox(text)
+        top = font.getbbox(text)[1]
         draw.rectangle((x - 5, y - 3, x + width + 4, y + height + 3), fill=(255, 255, 255))
         draw.text((x, y - top), text, fill=fill_colour, font=font)
         y += height + 6

@@ -105,7 +105,9 @@ def render_gallery(
         parts.append(f"<h2>{len(invalid)} invalid row(s), never sent</h2><table>")
         parts.append("<tr><th>row</th><th>prompt_id</th><th>reason</th></tr>")
         for bad in invalid:
-            parts.append(f"<tr><td>{bad.row}</td><td>{esc(bad.prompt_id)}</td><td>{esc(bad.reason)}</td></tr>")
+            parts.append(
+                f"<tr><td>{bad.row}</td><td>{esc(bad.prompt_id)}</td><td>{esc(bad.reason)}</td></tr>"
+            )
         parts.append("</table>")
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"

@@ -87,9 +87,9 @@ INDEX_COLUMNS: Final[tuple[str, ...]] = tuple(INDEX_SCHEMA.names)
 
 
 def content_key(prompt: str, size: str, variation: int = 0, model: str = MODEL) -> str:
-    """Return the content key of one image: 32 hex digits of sha256 over (model, prompt, size, variation).
+    r"""Return the content key of one image: 32 hex digits of sha256 over (model, prompt, size, variation).
 
-    The fields are joined with a separator no prompt can contain (``\\x1f`` is a control character, which
+    The fields are joined with a separator no prompt can contain (``\x1f`` is a control character, which
     prompts may not hold), so two different tuples never hash the same text.
     """
     text = "\x1f".join((model, prompt, size, str(int(variation))))
@@ -218,7 +218,9 @@ def absorb_manifest(
 
 def _frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     rows = list(rows)
-    frame = pd.DataFrame({name: pd.Series([r.get(name) for r in rows], dtype=object) for name in INDEX_COLUMNS})
+    frame = pd.DataFrame(
+        {name: pd.Series([r.get(name) for r in rows], dtype=object) for name in INDEX_COLUMNS}
+    )
     frame["variation"] = frame["variation"].astype(pd.Int32Dtype())
     for name in ("width", "height"):
         frame[name] = pd.array([_value(v) for v in frame[name]], dtype=pd.Int32Dtype())
