@@ -138,10 +138,7 @@ def read_index(path: ObjectStoragePath | str) -> IndexState:
         return IndexState.empty()
     meta = table.schema.metadata or {}
     absorbed = json.loads(meta.get(_ABSORBED_KEY, b"[]").decode())
-    frame = table.select(list(INDEX_COLUMNS)).to_pandas(
-        types_mapper={pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get, ignore_metadata=True
-    )
-    return IndexState(frame, frozenset(absorbed))
+    return IndexState(_frame(table.select(list(INDEX_COLUMNS)).to_pylist()), frozenset(absorbed))
 
 
 def write_index(state: IndexState, path: ObjectStoragePath | str) -> str:
@@ -207,19 +204,24 @@ def absorb_manifest(
         )
     merged = pd.concat([state.entries, _frame(new_rows)], ignore_index=True) if new_rows else state.entries
     if new_rows:
-        merged = (
+        merged = _frame(
             merged.sort_values("generated_at", kind="stable")
             .drop_duplicates(list(KEY_COLUMNS), keep="last")
             .sort_values(list(KEY_COLUMNS), kind="stable")
-            .reset_index(drop=True)
+            .to_dict("records")
         )
     return IndexState(merged, state.absorbed | {manifest_uri})
 
 
 def _frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Return index rows as a DataFrame with the same dtypes however they were built or read.
+
+    Text columns are plain ``object`` columns holding ``str`` or ``None``; integers are nullable
+    integers; ``generated_at`` is a UTC timestamp.
+    """
     rows = list(rows)
     frame = pd.DataFrame(
-        {name: pd.Series([r.get(name) for r in rows], dtype=object) for name in INDEX_COLUMNS}
+        {name: pd.Series([_value(r.get(name)) for r in rows], dtype=object) for name in INDEX_COLUMNS}
     )
     frame["variation"] = frame["variation"].astype(pd.Int32Dtype())
     for name in ("width", "height"):
