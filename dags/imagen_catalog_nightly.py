@@ -137,7 +137,7 @@ with DAG(
 
         params, ti = context["params"], context["ti"]
         layout = OutputLayout.at(params["output_root"], ti.dag_id)
-        return publish_run(layout, ti.run_id, title=f"Catalog imagery · {ti.run_id}")
+        return publish_run(layout, ti.run_id, title=f"Catalog imagery · {context['ds']} · {ti.run_id}")
 
     # [END howto_imagen_catalog_publish]
 
