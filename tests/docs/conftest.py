@@ -18,7 +18,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from tests.docs import projects
 
     for item in session.items:
-        if item.originalname == "test_example_project_runs":
+        if getattr(item, "originalname", None) == "test_example_project_runs":
             projects.start(item.callspec.params["page"])
 
 
