@@ -619,6 +619,7 @@ def poll_tasks(
     submitted_at: Mapping[str, float | None] | None = None,
     fire_when_done: int | None = None,
     polled_until: float | None = None,
+    seen: dict[str, Task] | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Any] = time.sleep,
 ) -> PollOutcome:
@@ -628,6 +629,8 @@ def poll_tasks(
     :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
     :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
     :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
+    :param seen: filled with the last answer of every id that ended. On a worker the answer may stay in
+        memory, image URL and all, so the download needs no second GET; it never goes to an event.
     """
     tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
     while True:
@@ -645,5 +648,7 @@ def poll_tasks(
                 except POLL_ERRORS as exc:
                     answer = exc
                 tracker.record(task_id, answer, clock())
+                if seen is not None and isinstance(answer, Task) and answer.is_terminal:
+                    seen[task_id] = answer
             continue
         sleep(max(tracker.next_wake(now, deadline) - now, 0.0))

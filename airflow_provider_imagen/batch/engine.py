@@ -27,8 +27,15 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.client import ImagenClient
-from airflow_provider_imagen.api.errors import ImageExpiredError, ImagenError
-from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, credits_to_usd
+from airflow_provider_imagen.api.errors import (
+    ImageExpiredError,
+    ImagenError,
+    ImagenTransportError,
+    RateLimitedError,
+    ServerError,
+    TaskNotFoundError,
+)
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
@@ -62,6 +69,12 @@ class BatchSettings:
     submit_concurrency: int = 4
     #: Seconds between progress lines.
     progress_interval: float = 30.0
+    #: When the next tasks are due to finish within this many seconds, wait on the worker instead of
+    #: deferring: a round trip through the triggerer costs a few seconds of scheduling, and idle window
+    #: slots cost throughput. ``0`` always defers.
+    linger: float = 5.0
+    #: Seconds a render is expected to take (the poll schedule's first poll), for the linger decision.
+    expected_render: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -109,6 +122,8 @@ class Wait:
     fire_when_done: int
     #: The ids were already polled on their grids up to this time (``None`` on a try's first pass).
     polled_until: float | None = None
+    #: Wait on the worker for at most this many seconds, then run another pass (``None``: defer).
+    linger: float | None = None
 
 
 @dataclass
@@ -133,6 +148,7 @@ class BatchPass:
         images_root: ObjectStoragePath | str,
         settings: BatchSettings,
         clock: RunClock,
+        known_tasks: dict[str, Task] | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -144,13 +160,20 @@ class BatchPass:
         self.now = now
         self.entries: dict[str, JournalEntry] = journal.load()
         self._by_key = {spec.key: spec for spec in specs}
+        #: Terminal answers seen on this worker (URLs included): mirroring needs no second GET for them.
+        self.known_tasks = known_tasks if known_tasks is not None else {}
         self._logged_progress = False
 
     # -- the pass ------------------------------------------------------------------------------
 
-    def run(self, outcome: PollOutcome | None) -> Wait | Finish:
-        """Absorb ``outcome`` (``None`` on the first pass of a try), act, and say what comes next."""
-        resumed_at = self.now() if outcome is not None else None
+    def run(self, outcome: PollOutcome | None, *, sweep: bool = False) -> Wait | Finish:
+        """Absorb ``outcome`` (``None`` on the first pass of a try), act, and say what comes next.
+
+        :param sweep: first poll every overdue task here, on the worker: after a resume from the
+            triggerer, tasks that ended while the task was being scheduled are found now, not one
+            round trip later (each such poll is the GET its download needs anyway).
+        """
+        started = self.now()
         if outcome is not None:
             self._absorb(outcome)
             if outcome.status == "error":
@@ -158,6 +181,8 @@ class BatchPass:
                     f"polling failed: {outcome.message}. Paid tasks are journalled; a retry of this task "
                     "re-attaches to them without paying again"
                 )
+        if sweep:
+            self._sweep(started)
         stop = self._stop_reason()
         plan = self._plan(stop is not None)
         if plan.to_mirror:
@@ -166,7 +191,8 @@ class BatchPass:
         if plan.to_submit:
             stop = self._submit(plan.to_submit) or stop
             plan = self._plan(stop is not None)
-        if plan.in_flight and self.now() < self.clock.deadline:
+        now = self.now()
+        if plan.in_flight and now < self.clock.deadline:
             self._progress(plan)
             window = len(plan.in_flight)
             refillable = bool(plan.waiting) and not plan.budget_bound and stop is None
@@ -177,9 +203,26 @@ class BatchPass:
                 task_ids=list(plan.in_flight.values()),
                 submitted_at=[self.entries[k].submitted_at for k in plan.in_flight],
                 fire_when_done=need,
-                polled_until=resumed_at,
+                polled_until=started if outcome is not None else None,
+                linger=self._linger(plan, need, now),
             )
         return self._finish(plan, stop)
+
+    def _linger(self, plan: WindowPlan, need: int, now: float) -> float | None:
+        """Return how long to wait on the worker, or ``None`` to defer.
+
+        Linger only when the ``need``-th task is due to end within ``settings.linger`` seconds.
+        """
+        if self.settings.linger <= 0:
+            return None
+        due = sorted(
+            max(now, (self.entries[k].submitted_at or now) + self.settings.expected_render)
+            for k in plan.in_flight
+        )
+        until = due[min(need, len(due)) - 1] - now
+        if until > self.settings.linger:
+            return None
+        return min(until + self.settings.linger, max(self.clock.deadline - now, 0.0))
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -207,6 +250,43 @@ class BatchPass:
                 return "insufficient_credits"
         return None
 
+    def _sweep(self, now: float) -> None:
+        """Poll every in-flight task that is overdue, in parallel; record those that ended."""
+        overdue = [
+            (key, entry.task_id)
+            for key, entry in self.entries.items()
+            if entry.task_id
+            and entry.status is None
+            and not entry.unknown_submit
+            and key in self._by_key
+            and (entry.submitted_at or now) + self.settings.expected_render <= now
+        ]
+        if not overdue:
+            return
+
+        def one(item: tuple[str, str]) -> dict[str, Any] | None:
+            key, task_id = item
+            try:
+                task = self.client.get_task(task_id)
+            except TaskNotFoundError as exc:
+                return record("terminal", key, task_id=task_id, status="not_found", error_code=exc.code)
+            except (ImagenTransportError, ServerError, RateLimitedError):
+                return None  # the next poller will ask again
+            if not task.is_terminal:
+                return None
+            self.known_tasks[task_id] = task
+            return record(
+                "terminal",
+                key,
+                task_id=task_id,
+                status=task.status,
+                error_code=task.error_code,
+                error_message=task.error_message,
+            )
+
+        with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
+            self._write([r for r in pool.map(one, overdue) if r is not None])
+
     def _absorb(self, outcome: PollOutcome) -> None:
         key_of = {e.task_id: k for k, e in self.entries.items() if e.task_id}
         records = []
@@ -220,7 +300,7 @@ class BatchPass:
             records.append(
                 record("terminal", key, task_id=task_id, status=state.status, error_code=state.error_code)
             )
-        if outcome.status == "timeout":
+        if outcome.status == "timeout" and self.now() >= self.clock.deadline:
             records += [
                 record("timeout", key_of[t], task_id=t) for t in outcome.processing_ids if t in key_of
             ]
@@ -234,7 +314,9 @@ class BatchPass:
             spec = self._by_key[key]
             dest = self.images_root / image_file_name(spec.prompt_id, spec.size, spec.variation)
             try:
-                task = self.client.get_task(entry.task_id or "")
+                task = self.known_tasks.pop(entry.task_id or "", None) or self.client.get_task(
+                    entry.task_id or ""
+                )
                 if not task.image_url:
                     raise ImagenError(f"task {task.id} is completed but carries no image URL")
                 image = mirror_image(self.client, task.image_url, dest)

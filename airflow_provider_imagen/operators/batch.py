@@ -72,6 +72,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param fail_on_moderation_rate: the same for moderated requests.
     :param mirror_concurrency: parallel downloads.
     :param progress_interval: seconds between progress lines in the log.
+    :param linger: when the next tasks are due to end within this many seconds, wait for them on the
+        worker instead of deferring (a triggerer round trip costs seconds of scheduling; ``0`` always
+        defers).
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
@@ -106,6 +109,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         fail_on_moderation_rate: float | None = None,
         mirror_concurrency: int = 8,
         progress_interval: float = 30.0,
+        linger: float = 5.0,
         journal_path: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
@@ -143,6 +147,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             max_submit_rate=max_submit_rate,
             mirror_concurrency=mirror_concurrency,
             progress_interval=progress_interval,
+            linger=linger,
+            expected_render=expected_render,
         )
         self.schedule = PollSchedule(expected_render=expected_render, poll_interval=poll_interval)
 
@@ -180,9 +186,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self, context: Context, specs: list[ImageSpec], clock: RunClock, outcome: PollOutcome | None
     ) -> dict[str, Any]:
         client = self._client()
-        journal = Journal.for_task_instance(
-            resolve_journal_root(self.journal_path, self.output_path), context
-        )
+        journal = self._journal(context)
+        known: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
+        sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
         while True:
             step = BatchPass(
                 client=client,
@@ -191,10 +197,11 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 images_root=as_path(self.output_path) / "images",
                 settings=self.settings,
                 clock=clock,
-            ).run(outcome)
+                known_tasks=known,
+            ).run(outcome, sweep=sweep)
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step)
-            if self.deferrable:
+            if self.deferrable and step.linger is None:
                 self.defer(
                     trigger=ImagenTaskTrigger(
                         imagen_conn_id=self.imagen_conn_id,
@@ -209,15 +216,19 @@ class ImagenBatchGenerateOperator(BaseOperator):
                     kwargs=clock.to_kwargs(),
                     timeout=timedelta(seconds=max(clock.deadline - time.time(), 0)) + SAFETY_MARGIN,
                 )
+            # Not deferrable, or the next tasks end so soon that a triggerer round trip costs more.
+            until = clock.deadline if step.linger is None else min(clock.deadline, time.time() + step.linger)
             outcome = poll_tasks(
                 client,
                 step.task_ids,
-                deadline=clock.deadline,
+                deadline=until,
                 schedule=self.schedule,
                 submitted_at=dict(zip(step.task_ids, step.submitted_at, strict=True)),  # type: ignore[arg-type]
                 fire_when_done=step.fire_when_done,
                 polled_until=step.polled_until,
+                seen=known,
             )
+            sweep = False
 
     def _finish(
         self, context: Context, specs: list[ImageSpec], journal: Journal, finish: Finish

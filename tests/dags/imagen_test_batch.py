@@ -15,6 +15,10 @@ from airflow_provider_imagen.operators.batch import ImagenBatchGenerateOperator
 KNOBS: dict[str, Any] = json.loads(os.environ.get("IMAGEN_TEST_BATCH_KNOBS", "{}"))
 
 for deferrable in (True, False):
+    knobs = dict(KNOBS)
+    # The deferrable flavour defers at every wait unless a test asks to linger, so the triggerer path is
+    # what it exercises.
+    knobs.setdefault("linger", 0.0 if deferrable else 5.0)
     with DAG(
         dag_id=f"imagen_test_batch_{'deferrable' if deferrable else 'sync'}",
         start_date=datetime(2026, 1, 1),
@@ -30,8 +34,8 @@ for deferrable in (True, False):
             deferrable=deferrable,
             expected_render=0.15,
             poll_interval=0.1,
-            retries=int(KNOBS.pop("retries", 1)),
+            retries=int(knobs.pop("retries", 1)),
             retry_delay=timedelta(seconds=0),
             progress_interval=0.0,
-            **KNOBS,
+            **knobs,
         )

@@ -62,7 +62,7 @@ def mixed_rows(n: int) -> list[dict[str, Any]]:
 
 
 def test_300_rows_manifest_matches_the_ledger_row_by_row(
-    emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     knobs(monkeypatch, max_in_flight=60, max_submit_rate=None)
     rows = mixed_rows(300)
@@ -91,6 +91,7 @@ def test_300_rows_manifest_matches_the_ledger_row_by_row(
     assert result["counts"]["moderated"] == ledger["status_counts"]["moderated"] > 0
     assert result["counts"]["failed"] == ledger["status_counts"]["failed"] > 0
     assert set(result) == {"manifest_uri", "counts", "credits"}
+    assert capfd.readouterr().out.count("running trigger in line") >= 3  # deferred between refills
 
 
 def test_one_row_fanned_out_to_all_ratios_and_two_variations(
@@ -286,3 +287,18 @@ def test_worker_killed_mid_submit_then_retried_pays_nothing_twice(emulator: Any,
     # request per journal segment).
     assert counts.get("unknown_submit", 0) <= BatchSettings().submit_concurrency
     assert int(manifest["credits"].sum()) >= ledger["net_credits"]  # an unknown submit is assumed charged
+
+
+def test_lingering_on_the_worker_when_tasks_end_soon(
+    emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With renders shorter than ``linger``, a deferrable batch waits on the worker: one try, no deferral."""
+    knobs(monkeypatch, linger=5.0, max_in_flight=10)
+    rows = [{"prompt_id": f"l{i}", "prompt": f"linger {i}"} for i in range(30)]
+    dr, manifest = run_batch(tmp_path, table(tmp_path / "p.parquet", rows))
+    assert task_states(dr) == {"generate": "success"}
+    assert (manifest["status"] == "completed").all()
+    ledger = emulator.ledger()
+    assert ledger["tasks_created"] == 30
+    assert ledger["polls"] <= 3 * 30
+    assert "running trigger in line" not in capfd.readouterr().out  # never deferred
