@@ -7,6 +7,10 @@ The docs are plain GitHub Markdown. Two conventions make them testable without a
       # doc-test: skip (reason)          compiled only (needs a real bucket, the real API, ...)
       # doc-test: file=tests/conftest.py  one file of an example project, assembled per page and run
                                           with pytest in a subprocess when the project has tests
+      # doc-test: include=dags/x.py#name  quotes the ``# [START name]`` … ``# [END name]`` region of a
+                                          file, and must stay equal to it
+      # doc-test: needs=batch-output      runs after a small real batch was made in ./imagery/catalog
+      # doc-test: needs=s3                runs with ``aws_default`` serving ``my-bucket`` (local S3)
 
 - a table is checked against the code when an HTML comment (invisible on GitHub) tags it::
 
