@@ -322,3 +322,32 @@ def test_backfill_rerun_after_a_change_in_the_partition_sends_only_the_change(
     # The partition's manifest keeps the five untouched images and adds the new size of q-0002.
     assert len(manifest) == 7 and (manifest["status"] == "completed").all()
     assert sorted(manifest.loc[manifest["prompt_id"] == "q-0002", "size"]) == ["16:9", "4:3"]
+
+
+def test_a_failed_generate_still_indexes_what_was_paid_for_and_fails_the_run(
+    examples_env: Any, sample: Sample
+) -> None:
+    emulator = examples_env
+    emulator.configure(failure_rate=0.5)  # far over the DAG's fail_on_error_rate of 20 %
+    dr, xc = night(sample)
+    assert task_states(dr) == {
+        "plan": "success",
+        "generate": "failed",
+        "publish": "success",
+        "watcher": "failed",
+    }
+    assert str(dr.state) in ("failed", "DagRunState.FAILED")
+    published = xc[("publish", "return_value")]
+    manifest = read_manifest(published["manifest_uri"])
+    completed = int((manifest["status"] == "completed").sum())
+    failed = int((manifest["status"] == "failed").sum())
+    assert completed and failed and int(manifest["credits"].sum()) == emulator.ledger()["net_credits"]
+    index = read_index(published["index_uri"]).entries
+    assert (index["status"] == "completed").sum() == completed  # every paid image is indexed
+
+    # The next night retries the failures, and only them: nothing paid for is paid for again.
+    emulator.configure(failure_rate=0.0)
+    posts = emulator.ledger()["posts"]
+    dr2, xc2 = night(sample)
+    assert task_states(dr2)["generate"] == "success"
+    assert emulator.ledger()["posts"] - posts == xc2[("plan", "plan")]["images"] == failed

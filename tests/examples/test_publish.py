@@ -333,3 +333,20 @@ def test_gallery_escapes_everything_and_drops_unsafe_links() -> None:
     assert 'src="../../images/a.png"' in page and "javascript:" not in page
     assert "一只熊猫" in page and "&lt;is not&gt;" in page and "T &amp; &lt;T&gt;" in page
     assert page.count("<figure>") == 3
+
+
+def test_invalid_rows_go_to_the_plan_folder_and_the_gallery(tmp_path: Path) -> None:
+    layout = OutputLayout.at(str(tmp_path / "out"), "nightly")
+    table = catalog()
+    table.at[1, "sizes"] = ["9:16", "billboard"]
+    summary = plan_run(table, layout, "run-1", size_column="sizes")
+    assert summary["invalid"] == 1 and summary["images"] == 6
+    invalid = pd.read_parquet(summary["invalid_uri"])
+    assert invalid["prompt_id"].tolist() == ["b"] and "billboard" in invalid["reason"].iloc[0]
+    with pytest.raises(Exception, match="invalid rows"):
+        plan_run(table, layout, "run-2", size_column="sizes", on_invalid="fail")
+
+    write_manifest(manifest_rows(("a", "apple", "1:1", "completed"), run="run-1"), layout.manifest("run-1"))
+    result = publish_run(layout, "run-1")
+    page = Path(result["gallery_uri"]).read_text()
+    assert result["invalid_rows"] == 1 and "1 invalid row(s), never sent" in page and "billboard" in page
