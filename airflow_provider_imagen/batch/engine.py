@@ -134,6 +134,8 @@ class Finish:
     overrides: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: Why the run stopped early, if it did.
     stopped: str | None = None
+    #: The API's own answer when it refused the run as a whole (e.g. a wrong key), to fail the task with.
+    error: str | None = None
 
 
 class BatchPass:
@@ -234,6 +236,7 @@ class BatchPass:
             max_credits=self.clock.budget,
             resubmit_unknown=self.settings.resubmit_unknown,
             retry_mirror_after=self.clock.started_at,
+            retry_rejected_before=self.clock.started_at,
             stop_submitting=stop_submitting,
         )
 
@@ -427,6 +430,17 @@ class BatchPass:
                     "skipped_budget",
                     f"max_credits={self.clock.budget} would be exceeded ({CREDITS_PER_IMAGE} per image)",
                 )
+        for key in plan.rejected:
+            reason = self.entries[key].rejected_reason or "refused by the API"
+            if stop == "insufficient_credits" and reason.startswith(
+                ("InsufficientCreditsError", "RuntimeError")
+            ):
+                finish.overrides[key] = ("skipped_budget", "the API reported insufficient credits")
+            else:
+                finish.overrides[key] = ("rejected", reason)
+                if reason.startswith("AuthenticationError"):
+                    finish.stopped = finish.stopped or "authentication"
+                    finish.error = finish.error or reason
         for key, entry in self.entries.items():
             if entry.expired:
                 finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")

@@ -51,6 +51,7 @@ ManifestStatus = Literal[
     "not_found",
     "download_failed",
     "not_submitted",
+    "rejected",
 ]
 #: Every status a manifest row may have, in this order in counts.
 STATUSES: Final[tuple[str, ...]] = get_args(ManifestStatus)
@@ -83,6 +84,10 @@ DOWNLOAD_FAILED: Final = "download_failed"
 #: Valid and affordable, but never sent: the run's deadline passed or it stopped (out of credits at the
 #: API) before its turn came. Free; the next run or a retry sends it.
 NOT_SUBMITTED: Final = "not_submitted"
+#: The API refused the submit (401 wrong key, 400, or a 429 / refused connection that outlasted the
+#: retries): provably nothing was created. Free; ``error_message`` has the API's answer. A retry of the
+#: task sends it again.
+REJECTED: Final = "rejected"
 
 #: Statuses that cost :data:`CREDITS_PER_IMAGE`: a task was (or, for an ambiguous POST, may have been)
 #: created and not refunded. Every other status costs 0: refunded by the API (failed, moderated), never

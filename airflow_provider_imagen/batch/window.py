@@ -43,6 +43,8 @@ class WindowPlan:
     waiting: list[ImageSpec] = field(default_factory=list)
     #: Keys with an unknown submit that stay unknown (no consent to pay again).
     unknown: list[str] = field(default_factory=list)
+    #: Keys whose submit the API refused in this try (final until the next try).
+    rejected: list[str] = field(default_factory=list)
     #: Credits that may have been charged so far.
     committed: int = 0
     #: Requests that have reached their final state (including invalid ones).
@@ -68,6 +70,7 @@ def plan_window(
     max_credits: int | None = None,
     resubmit_unknown: bool = False,
     retry_mirror_after: float | None = None,
+    retry_rejected_before: float | None = None,
     stop_submitting: bool = False,
 ) -> WindowPlan:
     """Plan one pass.
@@ -77,6 +80,9 @@ def plan_window(
     :param resubmit_unknown: plan unknown submits again (paying again if the first POST was charged).
     :param retry_mirror_after: mirror failures recorded before this time are tried again (a new try of
         the task); later ones are final for this try. ``None`` never retries them.
+    :param retry_rejected_before: submits the API refused before this time (an earlier try) are planned
+        again; later refusals are final for this try (a wrong key does not improve by asking again).
+        ``None`` plans every refused submit again.
     :param stop_submitting: plan no new submits (out of credits at the API, or past the deadline).
     """
     plan = WindowPlan(total=len(specs))
@@ -98,7 +104,15 @@ def plan_window(
                 plan.done += 1
             continue
         if entry.task_id is None:  # every submit so far was provably rejected
-            unsent.append(spec)
+            if (
+                retry_rejected_before is not None
+                and entry.rejected_at is not None
+                and entry.rejected_at >= retry_rejected_before
+            ):
+                plan.rejected.append(spec.key)
+                plan.done += 1
+            else:
+                unsent.append(spec)
             continue
         if entry.status not in ENDED:
             plan.in_flight[spec.key] = entry.task_id

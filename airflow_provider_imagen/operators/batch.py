@@ -18,7 +18,12 @@ from airflow.configuration import conf
 from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_imagen.api.errors import ImagenError, ImagenInputError, InsufficientCreditsError
+from airflow_provider_imagen.api.errors import (
+    AuthenticationError,
+    ImagenError,
+    ImagenInputError,
+    InsufficientCreditsError,
+)
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
 from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
 from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, record, resolve_journal_root
@@ -272,6 +277,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
             if isinstance(outlet, Asset):
                 context["outlet_events"][outlet].extra = result
         self._enforce_rates(counts)
+        if finish.stopped == "authentication":
+            raise AuthenticationError(
+                f"the API refused the key ({finish.error}); nothing was paid for the "
+                f"{counts.get('rejected', 0)} rejected request(s), listed in {uri}. Fix the connection "
+                "and clear the task",
+                status_code=401,
+            )
         if finish.stopped == "insufficient_credits":
             raise InsufficientCreditsError(
                 f"the account ran out of credits; the manifest at {uri} lists what was made and what was "
@@ -284,7 +296,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         valid = counts.get("total", 0) - counts.get("invalid", 0)
         if not valid:
             return
-        failed = counts.get("failed", 0) + counts.get("not_found", 0)
+        failed = counts.get("failed", 0) + counts.get("not_found", 0) + counts.get("rejected", 0)
         for share, limit, what in (
             (failed / valid, self.fail_on_error_rate, "failed"),
             (counts.get("moderated", 0) / valid, self.fail_on_moderation_rate, "moderated"),

@@ -64,12 +64,14 @@ class ImagenImageLink(BaseOperatorLink):
 
 def browsable_uri(uri: str) -> str:
     """Return a URL a browser can open for a storage URI."""
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[5:].partition("/")
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("s3", "gs", "gcs"):
+        return uri
+    netloc, _, key = rest.partition("/")
+    bucket = netloc.rpartition("@")[2]  # ObjectStoragePath puts the conn id there: s3://conn_id@bucket/…
+    if scheme == "s3":
         return f"https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}"
-    if uri.startswith("gs://"):
-        return f"https://storage.cloud.google.com/{uri[5:]}"
-    return uri
+    return f"https://storage.cloud.google.com/{bucket}/{key}"
 
 
 class ImagenGenerateOperator(BaseOperator):

@@ -99,6 +99,7 @@ class TestSchema:
             "not_found",
             "download_failed",
             "not_submitted",
+            "rejected",
         )
 
     def test_the_credits_rule(self) -> None:
@@ -114,6 +115,7 @@ class TestSchema:
             "skipped_budget": 0,
             "not_found": 0,
             "not_submitted": 0,
+            "rejected": 0,
         }
         assert {s for s in STATUSES if credits_for(s)} == CHARGED_STATUSES
         with pytest.raises(ValueError, match="unknown manifest status 'done'"):
@@ -286,6 +288,7 @@ class TestWriteAndRead:
             "not_found": 0,
             "download_failed": 0,
             "not_submitted": 0,
+            "rejected": 0,
             "total": 5,
         }
         assert manifest_credits(rows) == manifest_credits(frame) == 92

@@ -162,3 +162,18 @@ def test_the_key_appears_in_no_log_xcom_or_metadata_row(
     assert key not in repr(xcoms(dr))
     assert key.encode() not in metadata_db_bytes()  # trigger kwargs, events, XCom, rendered fields
     assert not any(key in p.read_text() for p in tmp_path.rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("uri", "link"),
+    [
+        ("s3://aws_conn@bucket/a/b.png", "https://s3.console.aws.amazon.com/s3/object/bucket?prefix=a/b.png"),
+        ("s3://bucket/a/b.png", "https://s3.console.aws.amazon.com/s3/object/bucket?prefix=a/b.png"),
+        ("gs://gcp@bucket/a.png", "https://storage.cloud.google.com/bucket/a.png"),
+        ("file:///tmp/a.png", "file:///tmp/a.png"),
+    ],
+)
+def test_the_image_link_opens_in_a_browser(uri: str, link: str) -> None:
+    from airflow_provider_imagen.operators.generate import browsable_uri
+
+    assert browsable_uri(uri) == link
