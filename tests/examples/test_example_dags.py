@@ -43,6 +43,21 @@ def backfill(sample: Sample, when: datetime) -> tuple[Any, dict[tuple[str, str],
     return dr, xcoms(dr)
 
 
+def asset_events(name: str, run_id: str) -> list[dict[str, Any]]:
+    """Return the ``extra`` of every event of the Asset ``name`` emitted by ``run_id``."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(AssetEvent.extra)
+            .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .filter(AssetModel.name == name, AssetEvent.source_run_id == run_id)
+            .all()
+        )
+        return [row.extra for row in rows]
+
+
 # -- parsing -----------------------------------------------------------------------------------------
 
 
@@ -145,6 +160,8 @@ def test_nightly_end_to_end_then_an_unchanged_catalog_makes_zero_posts(
     assert set(manifest["size"]) == {"1:1", "3:4", "4:3", "9:16", "16:9"}
     assert sorted(manifest.loc[manifest["prompt_id"] == "SKU-1001", "size"]) == ["16:9", "1:1", "3:4"]
 
+    assert asset_events("imagen_catalog_manifests", dr.run_id) == [result]  # downstream DAGs can follow
+
     published = xc[("publish", "return_value")]
     assert published["published"] and published["manifest_uri"] == result["manifest_uri"]
     index = read_index(published["index_uri"])
@@ -174,6 +191,7 @@ def test_nightly_end_to_end_then_an_unchanged_catalog_makes_zero_posts(
     assert plan2["to_generate_uri"] is None
     assert xc2[("publish", "return_value")]["published"] is False
     assert json.loads((sample.catalog_out / "latest.json").read_text())["run_id"] == dr.run_id
+    assert asset_events("imagen_catalog_manifests", dr2.run_id) == []  # nothing new, no event
 
 
 def test_contact_sheet_has_one_tile_per_requested_image_and_shows_every_completed_one(
@@ -247,8 +265,10 @@ def test_backfill_three_dates_make_three_partitions_and_a_rerun_makes_zero_posts
 ) -> None:
     emulator = examples_env
     manifests = {}
+    first_run_ids = {}
     for when in DATES:
         dr, xc = backfill(sample, when)
+        first_run_ids[when] = dr.run_id
         ds = f"{when:%Y-%m-%d}"
         assert task_states(dr) == {
             "plan": "success",
@@ -268,6 +288,9 @@ def test_backfill_three_dates_make_three_partitions_and_a_rerun_makes_zero_posts
         assert (path.parent / "_contact_sheet.png").exists() and (path.parent / "_gallery.html").exists()
         for uri in manifest["image_uri"]:
             assert f"/partitions/ds={ds}/images/" in uri
+        assert [e["manifest_uri"] for e in asset_events("imagen_prompt_backfill_manifests", dr.run_id)] == [
+            published["manifest_uri"]
+        ]
         manifests[ds] = path.read_bytes()
     assert sorted(p.name for p in (sample.backfill_out / "manifests").iterdir()) == [
         "ds=2026-01-01",
@@ -277,10 +300,12 @@ def test_backfill_three_dates_make_three_partitions_and_a_rerun_makes_zero_posts
     ledger = emulator.ledger()
     assert ledger["posts"] == ledger["tasks_created"] == 18
 
-    # Rerun a finished date, without the batch journal to lean on: the partition's index is what stops it.
+    # Rerun a finished date: a new run (its own run id, so its own journal), and the journal is wiped too.
+    # The partition's index is what stops it.
     layout, _ = partition_layout(str(sample.backfill_out), "ds=2026-01-02", BACKFILL)
     shutil.rmtree(local(str(layout.root)) / "_journal")
     dr, xc = backfill(sample, DATES[1])
+    assert dr.run_id != first_run_ids[DATES[1]]
     assert task_states(dr) == {
         "plan": "success",
         "generate": "skipped",
@@ -288,6 +313,7 @@ def test_backfill_three_dates_make_three_partitions_and_a_rerun_makes_zero_posts
         "watcher": "skipped",
     }
     assert emulator.ledger()["posts"] == 18  # zero new POSTs
+    assert asset_events("imagen_prompt_backfill_manifests", dr.run_id) == []  # nothing new, no event
     assert xc[("plan", "plan")]["images"] == 0 and xc[("plan", "plan")]["unchanged"] == 6
     for ds, data in manifests.items():
         assert (sample.backfill_out / "manifests" / f"ds={ds}" / "manifest.parquet").read_bytes() == data
