@@ -341,30 +341,31 @@ class Emulator:
 
 
 class Postgres:
-    """A throw-away PostgreSQL cluster under /tmp, run as the ``postgres`` user on a free port."""
+    """A throw-away PostgreSQL cluster under /tmp on a free loopback port, run as the ``postgres`` user.
+
+    The server runs in the foreground as OUR child (not daemonized by pg_ctl), so stopping it is a
+    SIGINT ("fast shutdown") to a pid we own, and it is reaped here rather than left as a zombie of init.
+    """
 
     def __init__(self, workdir: Path) -> None:
         """Find the server binaries; :meth:`start` creates and starts the cluster."""
         self.dir = workdir / "pg"
         self.port = free_port()
         self.bindir = self._find_bindir()
-        self.log_path = workdir / "postgres.log"
-        self.started = False
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
     def _find_bindir() -> Path:
-        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), reverse=True)
         if not candidates:
             raise BenchmarkError(
                 "PostgreSQL server binaries not found: install Debian's package (apt-get install postgresql)"
             )
         return candidates[0].parent
 
-    def _as_postgres(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        command = list(args)
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+    @staticmethod
+    def _user() -> dict[str, Any]:
+        return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
 
     @property
     def url(self) -> str:
@@ -372,49 +373,54 @@ class Postgres:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/airflow"
 
     def start(self) -> str:
-        """initdb (trust auth, loopback only), start, create database ``airflow``; return the URL."""
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError as exc:
-            raise BenchmarkError(
-                "--postgres needs psycopg2 in the venv: "
-                "uv pip install --python .venv/bin/python psycopg2-binary"
-            ) from exc
+        """initdb (trust auth), start on 127.0.0.1 only, create database ``airflow``; return the URL."""
+        for module in ("psycopg2", "asyncpg"):  # Airflow's sync and (derived) async drivers
+            try:
+                __import__(module)
+            except ImportError as exc:
+                raise BenchmarkError(
+                    "--postgres needs psycopg2 and asyncpg in the venv: "
+                    "uv pip install --python .venv/bin/python psycopg2-binary asyncpg"
+                ) from exc
         self.dir.mkdir(parents=True)
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
             self.dir.parent.chmod(0o755)
         data = str(self.dir / "data")
-        self._as_postgres(
-            str(self.bindir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"
-        )
-        self._as_postgres(
-            str(self.bindir / "pg_ctl"), "-D", data, "-l", str(self.dir / "server.log"), "-w", "-t", "60",
-            "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300 "
-                  "-c fsync=off -c synchronous_commit=off",
-            "start",
+        subprocess.run(
+            [str(self.bindir / "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            capture_output=True, check=True, timeout=120, cwd=self.dir, **self._user(),
         )  # fmt: skip
-        self.started = True
-        self._as_postgres(
-            str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-            "-c", "CREATE DATABASE airflow",
+        with (self.dir.parent / "postgres.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", data, "-p", str(self.port), "-k", str(self.dir),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True, **self._user(),
+            )  # fmt: skip
+
+        def accepting() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchmarkError(f"postgres exited:\n{_tail(self.dir.parent / 'postgres.log')}")
+            ready = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                capture_output=True, timeout=10,
+            )  # fmt: skip
+            return ready.returncode == 0
+
+        wait_until(accepting, 60, 0.3, "postgres to accept connections")
+        subprocess.run(
+            [str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+             "-c", "CREATE DATABASE airflow"],
+            capture_output=True, check=True, timeout=60,
         )  # fmt: skip
         return self.url
 
-    def stop(self) -> None:
-        """pg_ctl stop (fast), then make sure the postmaster is gone."""
-        if not self.started:
-            return
-        try:
-            self._as_postgres(
-                str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop"
-            )
-        except subprocess.SubprocessError:
-            pid_file = self.dir / "data" / "postmaster.pid"
-            if pid_file.exists():
-                pid = int(pid_file.read_text().split()[0])
-                _signal(psutil.Process(pid), signal.SIGKILL)
-        self.started = False
+    def stop(self) -> dict[str, Any]:
+        """SIGINT (fast shutdown) to the server's pid, escalating by pid if it lingers."""
+        if self.proc is None:
+            return {}
+        return stop_process_tree(self.proc, signal.SIGINT, grace=30)
 
 
 # ------------------------------------------------------------------------------------------ metadata DB
@@ -1032,7 +1038,7 @@ def run_scenario(
             )
         stops["emulator"] = emulator.stop()
         if postgres is not None:
-            postgres.stop()
+            stops["postgres"] = postgres.stop()
         result["stop"] = stops
         if options.keep_home or result.get("state") == "harness_error":
             result["kept_workdir"] = str(workdir)

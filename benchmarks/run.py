@@ -60,7 +60,16 @@ SUMMARY_KEYS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("airflow_pss_growth_mb", lambda r: _res(r, "airflow", "pss_growth_mb")),
     ("airflow_rss_peak_mb", lambda r: _res(r, "airflow", "rss_peak_mb")),
     ("airflow_cpu_mean_percent", lambda r: _res(r, "airflow", "cpu_mean_percent")),
+    ("airflow_cpu_s_per_ti", lambda r: _per_ti(r)),
+    ("other_cpu_mean_percent", lambda r: (r.get("resources") or {}).get("other_cpu_mean_percent")),
+    ("harness_cpu_percent", lambda r: r.get("harness_cpu_percent")),
 )
+
+
+def _per_ti(result: dict[str, Any]) -> float | None:
+    """Airflow CPU-seconds (all components, trigger → end) per task instance of the run."""
+    seconds, tis = _res(result, "airflow", "cpu_seconds"), result.get("task_instances")
+    return round(seconds / tis, 2) if seconds is not None and tis else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-scale", type=float, default=1.0, help="emulator image scale (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="emulator seed (default 1)")
     parser.add_argument("--tag", default="", help="suffix for result file names")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="RUN_JSON",
+        help="print the table and medians of earlier per-run result files, and run nothing",
+    )
     adhoc = parser.add_argument_group("ad hoc scenario (instead of the lists)")
     adhoc.add_argument("--dag-id", help="run this DAG id as a one-off scenario")
     adhoc.add_argument("--n", type=int, default=40, help="prompts for --dag-id (default 40)")
@@ -144,21 +159,23 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the medians and ratios."""
     print("\nMedians (runs that ended as expected):")
-    keys = (
-        "wall_s",
-        "trigger_to_end_s",
-        "task_instances",
-        "running_slot_seconds",
-        "polls_per_image",
-        "notice_mean_s",
-        "notice_p95_s",
-        "images_on_disk",
-        "airflow_pss_peak_mb",
-        "airflow_cpu_mean_percent",
+    columns = (
+        ("wall_s", "wall_s"),
+        ("trigger_to_end_s", "trig→end"),
+        ("task_instances", "TIs"),
+        ("running_slot_seconds", "slot_s"),
+        ("polls_per_image", "polls/img"),
+        ("notice_mean_s", "notice_mean"),
+        ("notice_p95_s", "notice_p95"),
+        ("images_on_disk", "images"),
+        ("airflow_pss_peak_mb", "afPSS_MB"),
+        ("airflow_cpu_mean_percent", "afCPU%"),
+        ("airflow_cpu_s_per_ti", "afCPU_s/TI"),
+        ("other_cpu_mean_percent", "otherCPU%"),
     )
-    print("  " + format("scenario", "<18") + "".join(format(k[:14], ">16") for k in keys))
+    print("  " + format("scenario", "<18") + "".join(format(label, ">12") for _, label in columns))
     for name, entry in summary["scenarios"].items():
-        cells = "".join(format("" if entry.get(k) is None else f"{entry[k]:g}", ">16") for k in keys)
+        cells = "".join(format("" if entry.get(k) is None else f"{entry[k]:g}", ">12") for k, _ in columns)
         print(f"  {name:<18}{cells}   ({entry['as_expected']}/{entry['runs']} as expected)")
     for ratio in summary["ratios"]:
         print(f"  wall time {ratio['slower']} / {ratio['faster']} = {ratio['wall_ratio']}×")
@@ -175,6 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # become KeyboardInterrupt, so run_scenario's ``finally`` stops Airflow and the emulator by pid.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.summarize:
+        results = [json.loads(Path(name).read_text()) for name in args.summarize]
+        results = [r for r in results if "scenario" in r]  # skip suite files
+        print(table_header())
+        for result in results:
+            print(table_row(result))
+        print_summary(summarize(results))
+        return 0
     scenarios = pick_scenarios(args)
     if args.list:
         for scenario in [*SUITE, *QUICK]:

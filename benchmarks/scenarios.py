@@ -13,7 +13,7 @@ from __future__ import annotations
 from benchmarks.harness import Scenario
 
 SUITE: list[Scenario] = [
-    Scenario("stock_http_400", dag_id="stock_http", n=400, timeout_s=1200,
+    Scenario("stock_http_400", dag_id="stock_http", n=400, timeout_s=1800,
              note="HttpOperator + HttpSensor + download, mapped per prompt"),
     Scenario("hand_loop_400", dag_id="hand_loop", n=400, timeout_s=600,
              note="one @task: submit all, poll all every 2 s, download"),
