@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,19 +65,24 @@ def create_app(
     *,
     state: EmulatorState | None = None,
     public_base_url: str | None = None,
-    image_cache_size: int = 64,
+    image_cache_size: int = 4096,
 ) -> FastAPI:
     """Build the emulator's ASGI app.
 
     ``state`` defaults to a fresh :class:`EmulatorState` with ``config``. Media URLs start with
     ``public_base_url`` when given (the runner passes its real address), else with the URL the client used.
     The app keeps its state at ``app.state.emulator``.
+
+    Images are rendered in the background from the moment a task is created, as the real API renders
+    before it reports ``completed``; a download then only sends bytes, as from a CDN. (Rendering on
+    download would put the emulator's own CPU time into every client's download time.)
     """
     if state is None:
         state = EmulatorState(config)
     elif config is not None:
         raise ValueError("pass either config or state, not both")
     images = ImageCache(maxsize=image_cache_size)
+    renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-render")
     app = FastAPI(
         title="reAPI emulator (imagen-4-0)",
         docs_url=None,
@@ -123,6 +129,9 @@ def create_app(
         async def handle(key: str) -> Response:
             submission = parse_submission(await request.body())
             result = state.submit(key, submission)
+            task = result.task
+            if not task.html:
+                renderer.submit(images.get, task.prompt, task.size, state.config.image_scale, task.id)
             if result.ambiguous:
                 raise ApiError(502, BAD_GATEWAY, "Bad gateway: the upstream did not answer in time")
             return JSONResponse(result.response)

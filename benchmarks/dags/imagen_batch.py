@@ -31,7 +31,9 @@ for window in WINDOWS:
             prompts="{{ dag_run.conf['prompt_table'] }}",
             output_path="{{ dag_run.conf['output_uri'] }}",
             max_in_flight=window,
-            max_submit_rate=float(os.environ.get("IMAGEN_BENCH_SUBMIT_RATE", "200")),
+            max_submit_rate=float(os.environ["IMAGEN_BENCH_SUBMIT_RATE"])
+            if os.environ.get("IMAGEN_BENCH_SUBMIT_RATE")
+            else None,
             deferrable=True,
             progress_interval=10.0,
         )
