@@ -1,0 +1,125 @@
+"""What every system test checks: the manifest against the emulator's ledger, and artefacts for secrets.
+
+The emulator is the bill: ``/_emulator/tasks`` lists every task it created (each one charged 46 credits
+at submit, refunded once if it failed), ``/_emulator/ledger`` the totals. A manifest is right when
+- no prompt was paid for twice (every test uses one distinct prompt per row);
+- every task the emulator created is accounted for by a manifest row: its ``task_id``, or an
+  ``unknown_submit`` row for the same prompt (the POST created a task whose id never came back);
+- the manifest's credits equal the ledger's net credits, except that an ``unknown_submit`` row whose POST
+  created nothing (a 5xx answered before the task existed, or a crash before the POST left) is charged
+  46 in the manifest and 0 in the ledger: the provider cannot tell the two apart, so it assumes the worst.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
+
+#: Every status that means "this row is finished" for a run that was not cut short.
+EMULATOR_TO_MANIFEST = {"completed": "completed", "failed": "failed", "moderated": "moderated"}
+#: A signed media URL of the emulator, or just its signature parameter.
+SIGNED_URL = re.compile(rb"_emulator/media/task_[0-9a-f]+\.png\?|[?&]sig=[0-9a-f]{16,}")
+
+
+def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_parquet(path)
+    return str(path)
+
+
+def local_manifest(output: Path) -> pd.DataFrame:
+    """The one manifest under a local output folder (found on disk: a failed task pushes no XCom)."""
+    from airflow_provider_imagen.batch.manifest import read_manifest
+
+    found = sorted((output / "manifests").rglob("*.parquet"))
+    assert len(found) == 1, f"expected one manifest under {output}, found {found}"
+    return read_manifest(str(found[0]))
+
+
+def s3_objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """key → size of every object under ``prefix``."""
+    found: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = obj["Size"]
+    return found
+
+
+def s3_manifest(client: Any, bucket: str, prefix: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    keys = [k for k in s3_objects(client, bucket, prefix + "manifests/") if k.endswith(".parquet")]
+    assert len(keys) == 1, f"expected one manifest under s3://{bucket}/{prefix}, found {keys}"
+    body = client.get_object(Bucket=bucket, Key=keys[0])["Body"].read()
+    return pq.read_table(io.BytesIO(body)).to_pandas()
+
+
+def reconcile(
+    manifest: pd.DataFrame, ledger: dict[str, Any], tasks: list[dict[str, Any]], tag: str
+) -> dict[str, int]:
+    """Assert the money rules of the module docstring; return the counts the docs table reports.
+
+    ``tag`` starts every prompt of the test: tasks of another test's run (one that failed and was
+    aborted) are left out, and the ledger totals are then checked only if there were none.
+    """
+    ours = [t for t in tasks if t["prompt"].startswith(tag)]
+    by_prompt = Counter(t["prompt"] for t in ours)
+    duplicates = {p: n for p, n in by_prompt.items() if n > 1}
+    assert not duplicates, f"prompts paid for more than once: {duplicates}"
+    net = CREDITS_PER_IMAGE * sum(1 for t in ours if not t["refunded"])
+    if len(ours) == len(tasks):
+        assert ledger["tasks_created"] == len(ours) and ledger["net_credits"] == net, ledger
+
+    rows_by_task = {r.task_id: r for r in manifest.itertuples() if isinstance(r.task_id, str)}
+    unknown = manifest[manifest["status"] == "unknown_submit"]
+    unknown_prompts = set(unknown["prompt"])
+    for task in ours:
+        row = rows_by_task.get(task["id"])
+        if row is None:
+            assert task["prompt"] in unknown_prompts, f"a paid task is in no manifest row: {task}"
+            continue
+        assert row.prompt == task["prompt"] and row.size == task["size"], (row, task)
+        expected = EMULATOR_TO_MANIFEST[task["outcome"]]
+        if expected == "completed":
+            assert row.status in ("completed", "expired", "download_failed"), (row, task)
+        else:
+            assert row.status == expected, (row, task)
+    unknown_without_task = sum(1 for p in unknown_prompts if by_prompt[p] == 0)
+    credits = int(manifest["credits"].sum())
+    assert credits - CREDITS_PER_IMAGE * unknown_without_task == net, (credits, unknown_without_task, net)
+    return {
+        "rows": len(manifest),
+        "tasks_created": len(ours),
+        "unknown_submit": len(unknown),
+        "unknown_without_task": unknown_without_task,
+        "manifest_credits": credits,
+        "ledger_net_credits": net,
+    }
+
+
+def leaks(paths: Iterable[Path], secrets: Iterable[bytes]) -> list[str]:
+    """Return ``file: what`` for every file under ``paths`` holding a secret or a signed image URL."""
+    needles = [s for s in secrets if s]
+    found = []
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for needle in needles:
+                if needle in data:
+                    found.append(f"{path}: the secret {needle[:8]!r}…")
+            match = SIGNED_URL.search(data)
+            if match:
+                found.append(f"{path}: signed URL {match.group()[:60]!r}")
+    return found
