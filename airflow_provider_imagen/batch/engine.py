@@ -28,6 +28,7 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.client import ImagenClient
 from airflow_provider_imagen.api.errors import (
+    AuthenticationError,
     ImageExpiredError,
     ImagenError,
     ImagenTransportError,
@@ -47,6 +48,13 @@ if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
 
 log = logging.getLogger(__name__)
+
+
+#: Refusals that stop a try's submits (every other POST would be refused the same way), by error name.
+_STOPPING_REFUSALS = (
+    ("InsufficientCreditsError", "insufficient_credits"),
+    ("AuthenticationError", "authentication"),
+)
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,13 @@ class BatchPass:
         if plan.to_mirror:
             self._mirror(plan.to_mirror)
             plan = self._plan(stop is not None)
-        if plan.to_submit:
+        while plan.to_submit:
             stop = self._submit(plan.to_submit) or stop
             plan = self._plan(stop is not None)
+            if plan.in_flight:
+                break
+            # The API refused every submit of that window (400s, say) and nothing is rendering: send the
+            # next window now. Refused keys are final for this try, so this ends.
         now = self.now()
         if plan.in_flight and now < self.clock.deadline:
             self._progress(plan)
@@ -245,12 +257,10 @@ class BatchPass:
         if self.now() >= self.clock.deadline:
             return "deadline"
         for entry in self.entries.values():
-            if (
-                entry.rejected_reason
-                and entry.rejected_reason.startswith("InsufficientCreditsError")
-                and (entry.rejected_at or 0) >= self.clock.started_at
-            ):
-                return "insufficient_credits"
+            if entry.rejected_reason and (entry.rejected_at or 0) >= self.clock.started_at:
+                for prefix, reason in _STOPPING_REFUSALS:
+                    if entry.rejected_reason.startswith(prefix):
+                        return reason
         return None
 
     def _sweep(self, now: float) -> None:
@@ -325,7 +335,7 @@ class BatchPass:
                 image = mirror_image(self.client, task.image_url, dest)
             except ImageExpiredError as exc:
                 return record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
-            except (ImagenError, OSError) as exc:
+            except Exception as exc:  # any storage library's error: the row stays paid and retriable
                 reason = f"{type(exc).__name__}: {exc}"
                 return record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
             return record("mirrored", key, task_id=entry.task_id, image=image.to_dict())
@@ -349,6 +359,7 @@ class BatchPass:
         dry = threading.Event()
 
         def one(part: Sequence[ImageSpec]) -> SubmitReport:
+            # One refused key or an unreachable API means every other POST would fail the same way.
             attempts = {s.key: len(self.entries[s.key].task_ids) for s in part if s.key in self.entries}
             report = submit_chunk(
                 self.client,
@@ -358,7 +369,9 @@ class BatchPass:
                 pace=pace,
                 should_stop=dry.is_set,
             )
-            if report.out_of_credits is not None:
+            if report.out_of_credits is not None or any(
+                isinstance(e, AuthenticationError) for e in report.rejected.values()
+            ):
                 dry.set()
             return report
 
@@ -366,9 +379,20 @@ class BatchPass:
             reports = list(pool.map(one, chunks))
         for report in reports:
             self._fold(report.records)
-        if dry.is_set():
+        if any(r.out_of_credits is not None for r in reports):
             log.error("The API says the account is out of credits; submitting stops.")
             return "insufficient_credits"
+        refusals = [e for r in reports for e in r.rejected.values()]
+        if any(isinstance(e, AuthenticationError) for e in refusals):
+            log.error("The API refused the key; submitting stops.")
+            return "authentication"
+        if (
+            refusals
+            and all(isinstance(e, ImagenTransportError) for e in refusals)
+            and not any(r.submitted for r in reports)
+        ):
+            log.error("The API could not be reached; submitting stops.")
+            return "unreachable"
         return None
 
     def _write(self, records: list[dict[str, Any]]) -> None:
@@ -423,6 +447,8 @@ class BatchPass:
         for spec in plan.waiting:
             if stop == "insufficient_credits":
                 finish.overrides[spec.key] = ("skipped_budget", "the API reported insufficient credits")
+            elif stop in ("authentication", "unreachable"):
+                finish.overrides[spec.key] = ("not_submitted", f"not sent: submitting stopped ({stop})")
             elif stop == "deadline":
                 finish.overrides[spec.key] = ("not_submitted", "the run's deadline passed before its turn")
             else:
@@ -436,11 +462,13 @@ class BatchPass:
                 ("InsufficientCreditsError", "RuntimeError")
             ):
                 finish.overrides[key] = ("skipped_budget", "the API reported insufficient credits")
+            elif reason.startswith("RuntimeError: not sent"):
+                finish.overrides[key] = ("not_submitted", f"not sent: submitting stopped ({stop})")
             else:
                 finish.overrides[key] = ("rejected", reason)
-                if reason.startswith("AuthenticationError"):
-                    finish.stopped = finish.stopped or "authentication"
-                    finish.error = finish.error or reason
+                finish.error = finish.error or reason
+        if stop in ("authentication", "unreachable"):
+            finish.stopped = stop
         for key, entry in self.entries.items():
             if entry.expired:
                 finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")

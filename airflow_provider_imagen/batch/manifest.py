@@ -217,7 +217,7 @@ def manifest_row(
             status, mirrored = COMPLETED, entry.mirrored
         else:
             status = DOWNLOAD_FAILED
-            error_message = "completed but not mirrored to storage yet"
+            error_message = entry.mirror_error or "completed but not mirrored to storage yet"
     elif entry.status == "failed":
         status = MODERATED if entry.error_code == MODERATION_CODE else FAILED
         error_code, error_message = entry.error_code, entry.error_message

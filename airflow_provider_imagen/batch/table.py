@@ -331,9 +331,9 @@ def expand_specs(
         raise ImagenInputError(f"variations={variations!r}: must be an integer of at least 1")
     variation_range = range(int(variations))
 
-    ids = table[id_column].tolist()
-    prompts = table[prompt_column].tolist()
-    size_cells = table[size_column].tolist() if size_column in table.columns else [None] * len(ids)
+    ids = _column_values(table, id_column)
+    prompts = _column_values(table, prompt_column)
+    size_cells = _column_values(table, size_column) if size_column in table.columns else [None] * len(ids)
 
     specs: list[ImageSpec] = []
     first_row: dict[str, int] = {}
@@ -383,6 +383,27 @@ def expand_specs(
                     )
                 )
     return specs
+
+
+def _column_values(table: pd.DataFrame, column: str) -> list[Any]:
+    """Return a column as Python values; name the row whose text is not valid UTF-8.
+
+    Arrow refuses to turn such bytes into ``str`` for the whole column at once, with a message that
+    names neither the row nor the column; find the row, so the user can fix the data.
+    """
+    series = table[column]
+    try:
+        return series.tolist()
+    except (pa.ArrowException, UnicodeDecodeError) as exc:
+        for row in range(len(series)):
+            try:
+                series.iloc[row : row + 1].tolist()
+            except (pa.ArrowException, UnicodeDecodeError):
+                raise PromptTableError(
+                    f"row {row}: column {column!r} holds bytes that are not valid UTF-8 text; "
+                    "re-encode the table as UTF-8"
+                ) from exc
+        raise PromptTableError(f"column {column!r} cannot be read as text: {exc}") from exc
 
 
 def _fallback_sizes(sizes: Sequence[str] | None, default_size: str) -> list[str]:

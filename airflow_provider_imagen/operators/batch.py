@@ -22,6 +22,7 @@ from airflow_provider_imagen.api.errors import (
     AuthenticationError,
     ImagenError,
     ImagenInputError,
+    ImagenTransportError,
     InsufficientCreditsError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
@@ -283,6 +284,17 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 f"{counts.get('rejected', 0)} rejected request(s), listed in {uri}. Fix the connection "
                 "and clear the task",
                 status_code=401,
+            )
+        if finish.stopped == "unreachable":
+            raise ImagenTransportError(
+                f"the API could not be reached ({finish.error}); nothing was paid for the requests "
+                f"listed as rejected or not_submitted in {uri}. A retry of the task sends them"
+            )
+        not_mirrored = counts.get("download_failed", 0)
+        if not_mirrored:
+            raise ImagenError(
+                f"{not_mirrored} paid image(s) could not be mirrored yet (download_failed rows in {uri}); "
+                "a retry of this task mirrors them without paying again while their URLs live (24 h)"
             )
         if finish.stopped == "insufficient_credits":
             raise InsufficientCreditsError(

@@ -318,9 +318,12 @@ def test_a_wrong_key_rejects_every_row_fails_the_task_and_pays_nothing(
     assert task_states(dr) == {"generate": "failed"}
     (manifest_file,) = (tmp_path / "out" / "manifests").rglob("*.parquet")
     manifest = read_manifest(str(manifest_file))
-    assert manifest["status"].tolist() == ["rejected"] * 5 and int(manifest["credits"].sum()) == 0
+    statuses = manifest["status"].tolist()
+    # Submits stop at the first 401; the few already on their way were refused too.
+    assert set(statuses) == {"rejected", "not_submitted"} or set(statuses) == {"rejected"}, statuses
+    assert int(manifest["credits"].sum()) == 0
     assert "10003" in manifest["error_message"].iloc[0]
     assert emulator.ledger()["tasks_created"] == 0
-    assert emulator.ledger()["posts"] == 5  # each row asked once in this try, not again and again
+    assert emulator.ledger()["posts"] == statuses.count("rejected") <= BatchSettings().submit_concurrency
     out = capfd.readouterr().out
     assert "AuthenticationError" in out and "rk_wrong_key_for_the_batch" not in out
