@@ -144,6 +144,8 @@ class Finish:
     stopped: str | None = None
     #: The API's own answer when it refused the run as a whole (e.g. a wrong key), to fail the task with.
     error: str | None = None
+    #: Paid images still not mirrored (and not expired): the try must fail so a retry mirrors them.
+    unmirrored: int = 0
 
 
 class BatchPass:
@@ -472,4 +474,6 @@ class BatchPass:
         for key, entry in self.entries.items():
             if entry.expired:
                 finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")
+            elif entry.status == "completed" and entry.mirrored is None and key in self._by_key:
+                finish.unmirrored += 1
         return finish

@@ -64,7 +64,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ``"fail"`` fails the task before anything is submitted if any row is bad.
     :param max_credits: budget for the run in credits (46 per image); rows beyond it are
         ``skipped_budget``. ``None`` for no budget.
-    :param check_balance: read the account balance first and cap the budget at it.
+    :param check_balance: cap the budget at the account balance (the balance is always read first: a
+        free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most.
     :param refill_fraction: come back to refill the window once this share of it has ended.
     :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers).
@@ -290,7 +291,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 f"the API could not be reached ({finish.error}); nothing was paid for the requests "
                 f"listed as rejected or not_submitted in {uri}. A retry of the task sends them"
             )
-        not_mirrored = counts.get("download_failed", 0)
+        not_mirrored = finish.unmirrored
         if not_mirrored:
             raise ImagenError(
                 f"{not_mirrored} paid image(s) could not be mirrored yet (download_failed rows in {uri}); "
@@ -374,9 +375,12 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 clock.budget // CREDITS_PER_IMAGE,
                 valid,
             )
+        if not valid:
+            return
+        # A free read first: a wrong key or an unreachable API fails here, before any POST is sent.
+        balance = client.get_balance()
+        self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))
         if self.check_balance:
-            balance = client.get_balance()
-            self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))
             if balance < cost:
                 self.log.warning("The balance covers %d of %d images.", balance // CREDITS_PER_IMAGE, valid)
             clock.budget = balance if clock.budget is None else min(clock.budget, balance)
