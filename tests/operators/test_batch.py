@@ -307,23 +307,17 @@ def test_lingering_on_the_worker_when_tasks_end_soon(
     assert "DAG TEST" in caplog.text and "running trigger in line" not in caplog.text  # never deferred
 
 
-def test_a_wrong_key_rejects_every_row_fails_the_task_and_pays_nothing(
+def test_a_wrong_key_fails_before_any_post(
     emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """The balance is read first (free): a wrong key fails the task with the API's answer, nothing sent."""
     knobs(monkeypatch, retries=0)
     conn = {"conn_type": "imagen", "host": emulator.base_url, "password": "rk_wrong_key_for_the_batch"}
     monkeypatch.setenv("AIRFLOW_CONN_IMAGEN_DEFAULT", json.dumps(conn))
     rows = [{"prompt_id": f"w{i}", "prompt": f"wrong key {i}"} for i in range(5)]
     dr, _ = run_batch(tmp_path, table(tmp_path / "p.parquet", rows))
     assert task_states(dr) == {"generate": "failed"}
-    (manifest_file,) = (tmp_path / "out" / "manifests").rglob("*.parquet")
-    manifest = read_manifest(str(manifest_file))
-    statuses = manifest["status"].tolist()
-    # Submits stop at the first 401; the few already on their way were refused too.
-    assert set(statuses) == {"rejected", "not_submitted"} or set(statuses) == {"rejected"}, statuses
-    assert int(manifest["credits"].sum()) == 0
-    assert "10003" in manifest["error_message"].iloc[0]
-    assert emulator.ledger()["tasks_created"] == 0
-    assert emulator.ledger()["posts"] == statuses.count("rejected") <= BatchSettings().submit_concurrency
+    assert emulator.ledger()["posts"] == 0 and emulator.ledger()["tasks_created"] == 0
+    assert not (tmp_path / "journal").exists()  # nothing was about to be paid
     out = capfd.readouterr().out
-    assert "AuthenticationError" in out and "rk_wrong_key_for_the_batch" not in out
+    assert "AuthenticationError" in out and "10003" in out and "rk_wrong_key_for_the_batch" not in out
