@@ -197,14 +197,11 @@ def test_non_utf8_bytes_in_a_string_column_fail_clearly_before_any_post(
     from airflow.sdk.exceptions import AirflowFailException
 
     prompts = invalid_utf8_strings(table_dir / "prompts.parquet")
-    try:
-        operator(prompts, tmp_path, on_invalid="fail").execute(fake_context())
-    except AirflowFailException as exc:  # the wanted outcome: a clear, final error
-        assert "UTF-8" in str(exc) and "row 1" in str(exc), str(exc)
-    except Exception as exc:
-        assert_nothing_sent_or_written(emulator, tmp_path)  # holds today: nothing was sent
-        raise AssertionError(f"unclear error for non-UTF-8 text: {type(exc).__name__}: {exc}") from exc
-    assert_nothing_sent_or_written(emulator, tmp_path)
+    for policy in ("fail", "record"):  # the table cannot be read as text: no policy can send it
+        with pytest.raises(AirflowFailException) as caught:  # a clear, final error (no Airflow retry)
+            operator(prompts, tmp_path, on_invalid=policy).execute(fake_context())
+        assert "row 1: column 'prompt' holds bytes that are not valid UTF-8" in str(caught.value)
+        assert_nothing_sent_or_written(emulator, tmp_path)
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES))
@@ -314,7 +311,7 @@ def test_a_wrong_key_is_a_clear_error_before_any_post(
         raise AssertionError("a batch with a wrong key succeeded")
     message = f"{type(error).__name__}: {error}"
     ledger = emulator.ledger()
-    assert WRONG_KEY not in message and ledger["tasks_created"] == 0  # hold today
+    assert WRONG_KEY not in message and ledger["tasks_created"] == 0
     assert isinstance(error, AuthenticationError), message
     assert ledger["posts"] == 0, f"{ledger['posts']} POSTs answered 401 before the error"
 
@@ -360,8 +357,8 @@ def test_on_invalid_fail_on_the_stack_fails_once_without_retry_or_post(stack: St
 
 
 def test_every_bad_row_recorded_next_to_good_ones_on_the_stack(stack: Stack, workdir: Path) -> None:
-    """One table with every kind of bad row, two good rows, a moderated one and one whose image URL
-    serves an HTML page: only the three valid rows are sent; the HTML "image" is refused (not written)."""
+    """One table with every kind of bad row, two good rows and a moderated one: only the three valid
+    rows are sent, the bad ones are ``invalid`` with their reasons, and the run succeeds."""
     bad = [
         {"prompt_id": "empty", "prompt": ""},
         {"prompt_id": "blank", "prompt": "   "},
@@ -379,7 +376,6 @@ def test_every_bad_row_recorded_next_to_good_ones_on_the_stack(stack: Stack, wor
         *bad,
         {"prompt_id": "good-2", "prompt": "a walnut side table, studio light", "size": "16:9"},
         {"prompt_id": "moderated", "prompt": "a lamp [[moderate]]", "size": "1:1"},
-        {"prompt_id": "html", "prompt": "a lamp [[html]]", "size": "1:1"},
     ]
     prompts = write_table(workdir / "p.parquet", rows_)
     run_id = stack.trigger(
@@ -398,23 +394,42 @@ def test_every_bad_row_recorded_next_to_good_ones_on_the_stack(stack: Stack, wor
 
     assert state == "success"
     assert [statuses[i] for i in range(1, 11)] == ["invalid"] * 10
-    assert statuses[0] == statuses[11] == "completed"
-    assert statuses[12] == "moderated" and statuses[13] == "download_failed"
-    html = manifest[manifest["prompt_id"] == "html"].iloc[0]
-    assert pd.isna(html["image_uri"]) and html["credits"] == CREDITS_PER_IMAGE
-    assert "Could not mirror html|1:1|v0" in stack.task_logs("imagen_sys_record", run_id)
-    assert "text/html" in stack.task_logs("imagen_sys_record", run_id)
+    assert statuses[0] == statuses[11] == "completed" and statuses[12] == "moderated"
     assert set(ledger["submissions_by_prompt"]) == {
         GOOD["prompt"],
         "a walnut side table, studio light",
         "a lamp [[moderate]]",
-        "a lamp [[html]]",
     }
     assert max(ledger["submissions_by_prompt"].values()) == 1
-    # Credits: two completed images and the HTML one (rendered and charged, then refused by us).
-    assert int(manifest["credits"].sum()) == ledger["net_credits"] == 3 * CREDITS_PER_IMAGE
+    # Credits: the two images; the moderated one was refunded.
+    assert int(manifest["credits"].sum()) == ledger["net_credits"] == 2 * CREDITS_PER_IMAGE
     images = sorted(p.name for p in (workdir / "out" / "images").iterdir())
     assert len(images) == 2 and all(name.endswith(".png") for name in images)
+
+
+def test_an_html_page_instead_of_an_image_is_refused_and_the_try_fails_without_paying_again(
+    emulator: Any, imagen_connection: str, tmp_path: Path, table_dir: Path
+) -> None:
+    """The CDN answers one image URL with an HTML page. The page is not written; its row is
+    ``download_failed`` (paid) with the reason; the try fails after the manifest so that a retry can
+    mirror it while the URL lives; the retry sends nothing again."""
+    from airflow_provider_imagen.api.errors import ImagenError
+
+    prompts = write_table(
+        table_dir / "p.parquet", [GOOD, {"prompt_id": "html", "prompt": "a lamp [[html]]", "size": "1:1"}]
+    )
+    for _try in range(2):  # the first try, then a retry of the same task instance
+        with pytest.raises(ImagenError, match=r"1 paid image\(s\) could not be mirrored yet"):
+            operator(prompts, tmp_path).execute(fake_context())
+    manifest = local_manifest(tmp_path / "out")
+    html = manifest[manifest["prompt_id"] == "html"].iloc[0]
+    assert html["status"] == "download_failed" and "text/html" in html["error_message"]
+    assert pd.isna(html["image_uri"]) and html["credits"] == CREDITS_PER_IMAGE
+    assert manifest.loc[manifest["prompt_id"] == GOOD["prompt_id"], "status"].item() == "completed"
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 1  # the good image, not the page
+    ledger = emulator.ledger()
+    assert ledger["posts"] == ledger["tasks_created"] == 2  # the retry re-attached: nothing paid twice
+    assert ledger["downloads"] >= 3 and int(manifest["credits"].sum()) == ledger["net_credits"]
 
 
 def test_a_download_failed_row_says_why() -> None:
@@ -428,5 +443,5 @@ def test_a_download_failed_row_says_why() -> None:
         {"e": "mirror_failed", "k": spec.key, "task_id": "task_1", "reason": "DownloadError: text/html"}
     )
     row = manifest_row(spec, entry, identity=RunIdentity("d", "r", "t"))
-    assert row["status"] == "download_failed"  # holds today
+    assert row["status"] == "download_failed"
     assert "text/html" in (row["error_message"] or ""), row["error_message"]
