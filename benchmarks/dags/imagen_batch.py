@@ -35,5 +35,8 @@ for window in WINDOWS:
             if os.environ.get("IMAGEN_BENCH_SUBMIT_RATE")
             else None,
             deferrable=True,
+            # Seconds the worker may wait for completions instead of deferring (the operator's default
+            # is 5); IMAGEN_BENCH_LINGER trades worker-slot time for throughput.
+            linger=float(os.environ.get("IMAGEN_BENCH_LINGER", "5")),
             progress_interval=10.0,
         )
