@@ -35,6 +35,7 @@ from airflow_provider_imagen.api.errors import (
     ImagenAPIError,
     ImagenError,
     ImagenTransportError,
+    ImageRefusedError,
     InsufficientCreditsError,
     InvalidRequestError,
     RateLimitedError,
@@ -170,7 +171,7 @@ class _BaseClient:
     def _download_flow(self, url: str) -> Flow[httpx.Response]:
         """Yield until the image's headers arrive; return the open, successful streaming response."""
         if urlsplit(url).scheme not in ("http", "https"):
-            raise DownloadError(f"refusing to download {redact_url(url)}: not an http(s) URL")
+            raise ImageRefusedError(f"refusing to download {redact_url(url)}: not an http(s) URL")
         # No Authorization header: the key belongs to the API, not to whatever host serves images.
         request = httpx.Request("GET", url, headers={"User-Agent": self._headers["User-Agent"]})
         policy = self.settings.retry
@@ -376,17 +377,21 @@ class _ImageReceiver:
         self._size = 0
         self.content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if not self.content_type.startswith("image/"):
-            raise DownloadError(
+            raise ImageRefusedError(
                 f"refusing {redact_url(url)}: content type {self.content_type or 'missing'!r} is not an image"
             )
         declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise DownloadError(f"refusing {redact_url(url)}: {declared} bytes is over the {max_bytes} cap")
+            raise ImageRefusedError(
+                f"refusing {redact_url(url)}: {declared} bytes is over the {max_bytes} cap"
+            )
 
     def feed(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._size > self._max:
-            raise DownloadError(f"refusing {redact_url(self._url)}: body is over the {self._max} byte cap")
+            raise ImageRefusedError(
+                f"refusing {redact_url(self._url)}: body is over the {self._max} byte cap"
+            )
         self._hash.update(chunk)
         if len(self._head) < _HEAD_BYTES:
             self._head.extend(chunk[: _HEAD_BYTES - len(self._head)])
@@ -394,7 +399,7 @@ class _ImageReceiver:
 
     def finish(self) -> DownloadedImage:
         if self._size == 0:
-            raise DownloadError(f"refusing {redact_url(self._url)}: empty body")
+            raise ImageRefusedError(f"refusing {redact_url(self._url)}: empty body")
         width, height = image_dimensions(bytes(self._head))
         content = self._sink.getvalue() if self._keep else None  # type: ignore[attr-defined]
         return DownloadedImage(self.content_type, self._size, self._hash.hexdigest(), width, height, content)

@@ -18,7 +18,8 @@ Errors are split by *when* they happen, because that decides what a retry costs:
     │   └── ContentModeratedError            failed with code 80006 (refunded by the API)
     ├── TaskTimeoutError                   our deadline passed while the task was still processing
     └── DownloadError                      the finished image could not be fetched
-        └── ImageExpiredError                the signed URL is past its 24 h life
+        ├── ImageExpiredError                the signed URL is past its 24 h life
+        └── ImageRefusedError                the answer is not an acceptable image (type, size)
 
 No message or ``repr`` here ever carries the API key or a signed image URL: errors keep the
 method and the API *path* only, and download errors keep a redacted URL.
@@ -159,6 +160,13 @@ class DownloadError(ImagenError):
 
 class ImageExpiredError(DownloadError):
     """The signed image URL is past its life (24 h): the image is gone; regenerating would pay again."""
+
+
+class ImageRefusedError(DownloadError):
+    """The URL answered, but not with an acceptable image (not ``image/*``, over the size cap, empty).
+
+    Asking again gives the same answer, so it is not retried.
+    """
 
 
 def task_failure(task_id: str, code: int | None, message: str | None) -> TaskFailedError:

@@ -32,6 +32,7 @@ from airflow_provider_imagen.api.errors import (
     ImageExpiredError,
     ImagenError,
     ImagenTransportError,
+    ImageRefusedError,
     RateLimitedError,
     ServerError,
     TaskNotFoundError,
@@ -337,6 +338,9 @@ class BatchPass:
                 image = mirror_image(self.client, task.image_url, dest)
             except ImageExpiredError as exc:
                 return record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
+            except ImageRefusedError as exc:  # paid, but not an image we accept: final, reported
+                reason = f"{type(exc).__name__}: {exc}"
+                return record("mirror_failed", key, task_id=entry.task_id, reason=reason, final=True)
             except Exception as exc:  # any storage library's error: the row stays paid and retriable
                 reason = f"{type(exc).__name__}: {exc}"
                 return record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
@@ -474,6 +478,11 @@ class BatchPass:
         for key, entry in self.entries.items():
             if entry.expired:
                 finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")
-            elif entry.status == "completed" and entry.mirrored is None and key in self._by_key:
+            elif (
+                entry.status == "completed"
+                and entry.mirrored is None
+                and not entry.mirror_final
+                and key in self._by_key
+            ):
                 finish.unmirrored += 1
         return finish

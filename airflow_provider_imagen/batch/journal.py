@@ -90,6 +90,8 @@ class JournalEntry:
     mirror_error: str | None = None
     mirror_failed_at: float | None = None
     expired: bool = False
+    #: The failure cannot improve by asking again (expired URL, not an image): never retried.
+    mirror_final: bool = False
     #: For :data:`TRY_KEY` only: the latest try's clock (started_at, deadline, budget).
     clock: dict[str, Any] | None = None
 
@@ -129,7 +131,7 @@ class JournalEntry:
             # A new task starts with no outcome of its own.
             self.status = self.error_code = self.error_message = self.completed_at = self.mirrored = None
             self.timed_out_at = self.mirror_error = self.mirror_failed_at = None
-            self.expired = False
+            self.expired = self.mirror_final = False
         elif kind == "rejected":
             self.pending_intent = False
             self.rejected_reason = record.get("reason")
@@ -152,6 +154,7 @@ class JournalEntry:
                 self.mirror_error = record.get("reason")
                 self.mirror_failed_at = record.get("ts")
                 self.expired = bool(record.get("expired"))
+                self.mirror_final = self.expired or bool(record.get("final"))
         elif kind == "try":
             self.clock = {k: v for k, v in record.items() if k not in ("e", "k", "ts")}
         elif kind == "timeout" and record.get("task_id") == self.task_id:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.client import ImagenClient
-from airflow_provider_imagen.api.errors import DownloadError, ImageExpiredError
+from airflow_provider_imagen.api.errors import DownloadError, ImageExpiredError, ImageRefusedError
 from airflow_provider_imagen.batch.storage import write_whole
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ def mirror_image(
         try:
             image = client.download_image(url)
             break
-        except ImageExpiredError:
-            raise
+        except (ImageExpiredError, ImageRefusedError):
+            raise  # asking again gives the same answer
         except DownloadError as exc:
             if attempt == attempts:
                 raise

@@ -146,6 +146,6 @@ def plan_window(
 def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
     if entry.mirror_failed_at is None:
         return True
-    if entry.expired:
+    if entry.mirror_final:
         return False
     return retry_after is not None and entry.mirror_failed_at < retry_after
