@@ -162,6 +162,7 @@ class BatchPass:
         settings: BatchSettings,
         clock: RunClock,
         known_tasks: dict[str, Task] | None = None,
+        entries: dict[str, JournalEntry] | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -171,7 +172,8 @@ class BatchPass:
         self.settings = settings
         self.clock = clock
         self.now = now
-        self.entries: dict[str, JournalEntry] = journal.load()
+        #: The journal folded; ``entries`` lets a caller that has just read it skip a second read.
+        self.entries: dict[str, JournalEntry] = entries if entries is not None else journal.load()
         self._by_key = {spec.key: spec for spec in specs}
         #: Terminal answers seen on this worker (URLs included): mirroring needs no second GET for them.
         self.known_tasks = known_tasks if known_tasks is not None else {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.configuration import conf
 from airflow.sdk import Asset, BaseOperator
@@ -31,7 +31,7 @@ from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, record, reso
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
-from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
 
 OnInvalid = Literal["record", "fail"]
-#: Extra time given to ``defer(timeout=…)``: the trigger enforces the real deadline.
-SAFETY_MARGIN: Final = timedelta(minutes=10)
 
 
 class ImagenBatchGenerateOperator(BaseOperator):
@@ -170,7 +168,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
         # ``dag.test()`` drops them when it runs the trigger in-line.
         self._journal(context).append([record("try", TRY_KEY, **clock.to_kwargs())])
-        return self._run(context, specs, clock, None)
+        return self._run(context, specs, clock, None, client=client)
 
     def execute_complete(
         self,
@@ -181,18 +179,25 @@ class ImagenBatchGenerateOperator(BaseOperator):
     ) -> dict[str, Any]:
         """Resume after the trigger: validate its event and run the next pass."""
         outcome = PollOutcome.from_event(event)
-        saved = self._journal(context).load().get(TRY_KEY)
+        entries = self._journal(context).load()  # read once: the first pass starts from it too
+        saved = entries.get(TRY_KEY)
         if saved is None or saved.clock is None:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
         clock = RunClock(**{**saved.clock, "progress_at": progress_at})
-        return self._run(context, self._specs(), clock, outcome)
+        return self._run(context, self._specs(), clock, outcome, client=self._client(), entries=entries)
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def _run(
-        self, context: Context, specs: list[ImageSpec], clock: RunClock, outcome: PollOutcome | None
+        self,
+        context: Context,
+        specs: list[ImageSpec],
+        clock: RunClock,
+        outcome: PollOutcome | None,
+        *,
+        client: Any,
+        entries: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        client = self._client()
         journal = self._journal(context)
         known: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
@@ -205,7 +210,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 settings=self.settings,
                 clock=clock,
                 known_tasks=known,
+                entries=entries,
             ).run(outcome, sweep=sweep)
+            entries = None  # later passes read what the earlier ones wrote
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step)
             if self.deferrable and step.linger is None:
@@ -221,7 +228,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                     ),
                     method_name="execute_complete",
                     kwargs=clock.to_kwargs(),
-                    timeout=timedelta(seconds=max(clock.deadline - time.time(), 0)) + SAFETY_MARGIN,
+                    timeout=timedelta(seconds=max(clock.deadline - time.time(), 0)) + DEFERRAL_SAFETY_MARGIN,
                 )
             # Not deferrable, or the next tasks end so soon that a triggerer round trip costs more.
             until = clock.deadline if step.linger is None else min(clock.deadline, time.time() + step.linger)

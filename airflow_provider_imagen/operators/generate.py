@@ -32,7 +32,7 @@ from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.batch.submit import submit_chunk
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
-from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, TaskInstanceKey
@@ -45,9 +45,6 @@ IMAGE_KEY: Final = "image"
 IMAGE_URI_XCOM_KEY: Final = "imagen_image_uri"
 #: Signed image URLs live this long after the task completes.
 URL_LIFETIME: Final = 24 * 3600
-#: Extra time given to ``defer(timeout=…)``: the trigger enforces the real deadline and says so in an
-#: event; Airflow's own deferral timeout is only a safety net for a triggerer that never answers.
-SAFETY_MARGIN: Final = timedelta(minutes=10)
 
 
 class ImagenImageLink(BaseOperatorLink):
@@ -167,7 +164,7 @@ class ImagenGenerateOperator(BaseOperator):
                     **self.schedule.to_kwargs(),
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=self.timeout) + SAFETY_MARGIN,
+                timeout=timedelta(seconds=self.timeout) + DEFERRAL_SAFETY_MARGIN,
             )
         outcome = poll_tasks(client, [task_id], deadline=deadline, schedule=self.schedule)
         return self._complete(context, client, journal, outcome)

@@ -14,7 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, A
 from airflow_provider_imagen.api.errors import TaskNotFoundError, task_failure
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule
-from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -89,7 +89,7 @@ class ImagenTaskSensor(BaseSensorOperator):
                 **self.schedule.to_kwargs(),
             ),
             method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout)) + timedelta(minutes=10),
+            timeout=timedelta(seconds=float(self.timeout)) + DEFERRAL_SAFETY_MARGIN,
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -27,6 +27,10 @@ from airflow_provider_imagen.polling import (
 
 #: Where Airflow finds this class again when it rebuilds the trigger from its kwargs.
 CLASSPATH: Final = "airflow_provider_imagen.triggers.imagen.ImagenTaskTrigger"
+#: Added to ``defer(timeout=…)`` by every task that defers to this trigger: the trigger enforces the real
+#: (absolute) deadline and says so in an event; Airflow's own deferral timeout runs neither
+#: ``execute_complete`` nor ``on_kill``, so it is only a safety net for a triggerer that never answers.
+DEFERRAL_SAFETY_MARGIN: Final = timedelta(minutes=10)
 #: Deadlines before this (2001-09-09) are surely relative seconds, not epoch seconds: refuse them.
 _EPOCH_FLOOR: Final = 1_000_000_000.0
 _DEFAULTS: Final = PollSchedule()
