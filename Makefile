@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo emulator constraints clean
+.PHONY: setup test test-fast lint demo emulator bench constraints clean
 
 # Bytecode: uv does not compile it by default (pip does), and this machine sets PYTHONDONTWRITEBYTECODE,
 # so without it every Airflow process (task runners, CLI calls) compiles Airflow from source: ~2 s each.
@@ -29,12 +29,17 @@ test: setup
 demo: setup
 	$(PY) scripts/demo.py
 
+# The benchmark suite (issue 6; ~1 h): BENCH_ARGS="--quick" for a few minutes. Figures: docs/benchmarks.md.
+bench: setup
+	uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt -e '.[test,bench]'
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 emulator: setup
 	$(PY) -m airflow_provider_imagen.emulator --port 8930
 
 constraints: setup
 	(echo "# Pinned versions the project is tested with (the official Airflow constraints file cannot be fetched here)."; \
-	 echo "# Regenerate: make constraints"; uv pip freeze --python $(PY) | grep -v -i "airflow-provider-imagen") > constraints.txt.new
+	 echo "# Regenerate: make constraints"; uv pip freeze --python $(PY) | grep -v -i -e "airflow-provider-imagen" -e "^-e ") > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:

@@ -709,6 +709,17 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
             slot_s += dt * (a.states.get("running", 0) + b.states.get("running", 0)) / 2  # type: ignore[union-attr]
             deferred_s += dt * (a.states.get("deferred", 0) + b.states.get("deferred", 0)) / 2  # type: ignore[union-attr]
         out["running_slot_seconds"] = round(slot_s, 1)
+        # The triggerer while a task waits in it (issue 6, scenario 3: "CPU while waiting").
+        waiting = [
+            (a, b)
+            for a, b in itertools.pairwise(state_samples)
+            if a.states.get("deferred", 0) and b.states.get("deferred", 0)  # type: ignore[union-attr]
+        ]
+        waited = sum(b.t - a.t for a, b in waiting)
+        if waited > 0:
+            busy = sum(cpu_of(b, ("triggerer",)) - cpu_of(a, ("triggerer",)) for a, b in waiting)
+            out["triggerer_cpu_while_deferred_percent"] = round(100 * busy / waited, 1)
+            out["deferred_wall_s"] = round(waited, 1)
         out["deferred_ti_seconds"] = round(deferred_s, 1)
         out["max_running"] = max(s.states.get("running", 0) for s in state_samples)  # type: ignore[union-attr]
         out["max_deferred"] = max(s.states.get("deferred", 0) for s in state_samples)  # type: ignore[union-attr]

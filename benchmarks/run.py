@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ from benchmarks.harness import (
     table_header,
     table_row,
 )
-from benchmarks.scenarios import QUICK, SUITE, by_name
+from benchmarks.scenarios import QUICK, SCALING, SUITE, by_name
 
 
 def _res(result: dict[str, Any], group: str, key: str) -> Any:
@@ -117,7 +118,7 @@ def pick_scenarios(args: argparse.Namespace) -> list[Scenario]:
     elif args.only:
         scenarios = by_name(args.only)
     else:
-        scenarios = list(QUICK if args.quick else SUITE)
+        scenarios = list(QUICK if args.quick else [*SUITE, *SCALING])
     overrides: dict[str, Any] = {}
     if args.parallelism:
         overrides["parallelism"] = args.parallelism
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scenarios = pick_scenarios(args)
     if args.list:
-        for scenario in [*SUITE, *QUICK]:
+        for scenario in [*SUITE, *SCALING, *QUICK]:
             head = f"{scenario.name:<20} dag={scenario.dag_id:<14} n={scenario.n:<6}"
             print(f"{head} expect={scenario.expect:<8} {scenario.note}")
         return 0
@@ -263,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )  # fmt: skip
     print(f"\nresults: {suite_file} (+ one JSON per run)  elapsed {time.monotonic() - started:.0f} s")
+    run_files = [str(r["result_file"]) for r in results if r.get("result_file")]
+    if importlib.util.find_spec("matplotlib") is None:  # in the ``bench`` extra only
+        print("plots: pip install '.[bench]' (matplotlib), then python -m benchmarks.plot RUN.json…")
+    else:
+        from benchmarks.plot import main as plot
+
+        plot([*run_files, "--out", str(RESULTS_DIR / f"{stamp}-plots")])
     return 0 if all(r.get("as_expected") for r in results) else 1
 
 

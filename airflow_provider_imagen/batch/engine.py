@@ -42,8 +42,8 @@ from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
-from airflow_provider_imagen.batch.window import WindowPlan, plan_window
-from airflow_provider_imagen.polling import PollOutcome
+from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_window
+from airflow_provider_imagen.polling import PollOutcome, PollSchedule
 
 if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
@@ -78,12 +78,19 @@ class BatchSettings:
     submit_concurrency: int = 4
     #: Seconds between progress lines.
     progress_interval: float = 30.0
-    #: When the next tasks are due to finish within this many seconds, wait on the worker instead of
-    #: deferring: a round trip through the triggerer costs a few seconds of scheduling, and idle window
-    #: slots cost throughput. ``0`` always defers.
+    #: Wait on the worker instead of deferring when the next task is due to end within this many seconds
+    #: (and, while rows wait for room in the window, whenever tasks are rendering: see
+    #: :func:`airflow_provider_imagen.batch.window.linger_for`). ``0`` always defers.
     linger: float = 5.0
-    #: Seconds a render is expected to take (the poll schedule's first poll), for the linger decision.
+    #: Seconds after its submit at which a task is first polled (the poll schedule's first poll).
     expected_render: float = 10.0
+    #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).
+    poll_interval: float = 2.0
+
+    @property
+    def schedule(self) -> PollSchedule:
+        """Return the poll schedule of this batch (the trigger's and the worker's)."""
+        return PollSchedule(expected_render=self.expected_render, poll_interval=self.poll_interval)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -175,6 +182,7 @@ class BatchPass:
         #: The journal folded; ``entries`` lets a caller that has just read it skip a second read.
         self.entries: dict[str, JournalEntry] = entries if entries is not None else journal.load()
         self._by_key = {spec.key: spec for spec in specs}
+        self.schedule = settings.schedule
         #: Terminal answers seen on this worker (URLs included): mirroring needs no second GET for them.
         self.known_tasks = known_tasks if known_tasks is not None else {}
         self._logged_progress = False
@@ -215,33 +223,29 @@ class BatchPass:
             self._progress(plan)
             window = len(plan.in_flight)
             refillable = bool(plan.waiting) and not plan.budget_bound and stop is None
-            # More to send: come back when a share of the window has ended, to refill it. Nothing more
-            # to send: come back once, when every task has ended.
-            need = max(1, math.ceil(window * self.settings.refill_fraction)) if refillable else window
+            submitted_at = {t: self.entries[k].submitted_at for k, t in plan.in_flight.items()}
+            linger = linger_for(
+                submitted_at,
+                self.schedule,
+                linger=self.settings.linger,
+                refillable=refillable,
+                now=now,
+                deadline=self.clock.deadline,
+            )
+            if linger is not None:
+                need = 1  # on the worker, act on every end at once: mirror it, refill its place
+            elif refillable:
+                need = max(1, math.ceil(window * self.settings.refill_fraction))
+            else:
+                need = window  # nothing more to send: come back once, when every task has ended
             return Wait(
-                task_ids=list(plan.in_flight.values()),
-                submitted_at=[self.entries[k].submitted_at for k in plan.in_flight],
+                task_ids=list(submitted_at),
+                submitted_at=list(submitted_at.values()),
                 fire_when_done=need,
                 polled_until=started if outcome is not None else None,
-                linger=self._linger(plan, need, now),
+                linger=linger,
             )
         return self._finish(plan, stop)
-
-    def _linger(self, plan: WindowPlan, need: int, now: float) -> float | None:
-        """Return how long to wait on the worker, or ``None`` to defer.
-
-        Linger only when the ``need``-th task is due to end within ``settings.linger`` seconds.
-        """
-        if self.settings.linger <= 0:
-            return None
-        due = sorted(
-            max(now, (self.entries[k].submitted_at or now) + self.settings.expected_render)
-            for k in plan.in_flight
-        )
-        until = due[min(need, len(due)) - 1] - now
-        if until > self.settings.linger:
-            return None
-        return min(until + self.settings.linger, max(self.clock.deadline - now, 0.0))
 
     # -- steps ---------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
+from airflow_provider_imagen.polling import PollSchedule, PollTracker
 
 if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
@@ -149,3 +150,36 @@ def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
     if entry.mirror_final:
         return False
     return retry_after is not None and entry.mirror_failed_at < retry_after
+
+
+def linger_for(
+    submitted_at: Mapping[str, float | None],
+    schedule: PollSchedule,
+    *,
+    linger: float,
+    refillable: bool,
+    now: float,
+    deadline: float,
+) -> float | None:
+    """Return how long to wait on the worker for the next task to end, or ``None`` to defer.
+
+    A deferral costs a triggerer round trip and a task start (seconds of scheduling); waiting costs a
+    worker slot. So wait when the next poll that can find an end is due within ``linger`` seconds. While
+    rows wait for room in the window (``refillable``), wait as long as it is within one render time more:
+    a window that refills each place as it frees keeps ``max_in_flight`` tasks rendering, while one that
+    defers refills in synchronized waves, each waiting for its slowest render and then for the resume
+    (measured at N = 2,000, window 100: 1.6× the ideal time deferring, 1.2× refilling on the worker). The
+    worker slot is then held for the whole stream, but busy: every end is a download and a submit.
+
+    :param submitted_at: task id → submit time (epoch seconds) of the tasks in flight.
+    :param linger: the operator's ``linger``; ``0`` always defers.
+    """
+    if linger <= 0 or not submitted_at:
+        return None
+    # The schedule's next instant per task, after the ones already past (overdue tasks back off, so a
+    # slow API makes the next look far away): when an end can next be seen.
+    tracker = PollTracker(submitted_at, schedule, start=now, submitted_at=submitted_at, polled_until=now)
+    wait = max(tracker.next_wake(now) - now, 0.0)
+    if wait > linger + (schedule.expected_render if refillable else 0.0):
+        return None
+    return min(wait + linger, max(deadline - now, 0.0))

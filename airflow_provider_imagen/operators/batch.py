@@ -30,7 +30,7 @@ from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finis
 from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, record, resolve_journal_root
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
-from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
+from airflow_provider_imagen.polling import PollOutcome, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
 if TYPE_CHECKING:
@@ -154,8 +154,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
             progress_interval=progress_interval,
             linger=linger,
             expected_render=expected_render,
+            poll_interval=poll_interval,
         )
-        self.schedule = PollSchedule(expected_render=expected_render, poll_interval=poll_interval)
+        self.schedule = self.settings.schedule
 
     # -- Airflow entry points ----------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         known: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
         while True:
-            step = BatchPass(
+            batch = BatchPass(
                 client=client,
                 journal=journal,
                 specs=specs,
@@ -211,8 +212,11 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 clock=clock,
                 known_tasks=known,
                 entries=entries,
-            ).run(outcome, sweep=sweep)
-            entries = None  # later passes read what the earlier ones wrote
+            )
+            step = batch.run(outcome, sweep=sweep)
+            # Passes in one process follow each other: the next starts from what this one folded in
+            # instead of reading every segment again (a resume on a worker reads the journal afresh).
+            entries = batch.entries
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step)
             if self.deferrable and step.linger is None:

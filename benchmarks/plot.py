@@ -1,0 +1,152 @@
+"""Draw the figures of ``docs/benchmarks.md`` from result files: ``python -m benchmarks.plot RUN.json…``.
+
+Why separate from the runner: a plot should be redrawn from the numbers already measured (several suite
+invocations pooled, say), never by measuring again. Medians over repeats of a scenario, as in the tables.
+
+    python -m benchmarks.plot benchmarks/results/*-r*.json --out docs/img
+
+Draws ``scaling.png`` (our wall time and polls per image against N, with the ideal bound) when runs of
+``imagen_batch_<N>`` at one window exist, and ``side_by_side.png`` (wall time, task instances and polls
+per image of the stock DAG, the hand loop and ours at N = 400) when those runs exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load(files: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Return the runs that ended as expected, by scenario name (suite files are skipped)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in files:
+        result = json.loads(Path(name).read_text())
+        if "scenario" in result and result.get("as_expected"):
+            runs.setdefault(result["scenario"]["name"], []).append(result)
+    return runs
+
+
+def median(runs: list[dict[str, Any]], pick: Any) -> float | None:
+    values = [v for v in (pick(r) for r in runs) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def scaling_points(runs: dict[str, list[dict[str, Any]]], window: int) -> list[dict[str, Any]]:
+    """Return (N, median wall, ideal, polls/image) for our runs at ``window``, by N."""
+    points = []
+    for scenario_runs in runs.values():
+        sc = scenario_runs[0]["scenario"]
+        if not sc["dag_id"].startswith("imagen_batch") or sc.get("max_in_flight") != window:
+            continue
+        if sc.get("airflow_config"):  # a variant (e.g. linger forced off), not the default operator
+            continue
+        points.append(
+            {
+                "n": sc["n"],
+                "wall": median(scenario_runs, lambda r: r.get("wall_s")),
+                "ideal": scenario_runs[0].get("ideal_s"),
+                "polls": median(scenario_runs, lambda r: r.get("polls_per_image")),
+                "runs": len(scenario_runs),
+            }
+        )
+    return sorted(points, key=lambda p: p["n"])
+
+
+def plot_scaling(points: list[dict[str, Any]], window: int, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [p["n"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(ns, [p["wall"] for p in points], "o-", label="ours: DAG-run wall time (median)")
+    left.plot(ns, [p["ideal"] for p in points], "--", color="grey", label=f"ideal bound N / {window} × 10 s")
+    left.plot(ns, [1.25 * p["ideal"] for p in points], ":", color="grey", label="1.25 × bound (target)")
+    left.set_xlabel("prompts (N)")
+    left.set_ylabel("seconds")
+    left.set_title(f"Wall time, max_in_flight = {window}")
+    left.legend(fontsize=8)
+    right.plot(ns, [p["polls"] for p in points], "o-", color="tab:green", label="ours")
+    right.axhline(3, linestyle=":", color="grey", label="target ≤ 3")
+    right.set_ylim(0, 6)
+    right.set_xlabel("prompts (N)")
+    right.set_ylabel("polls per completed image")
+    right.set_title("API politeness")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_side_by_side(rows: list[tuple[str, list[dict[str, Any]]]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in rows]
+    figures = [
+        ("DAG-run wall time (s, median)", lambda r: r.get("wall_s")),
+        ("task instances", lambda r: r.get("task_instances")),
+        ("polls per image", lambda r: r.get("polls_per_image")),
+        ("worker slot-seconds", lambda r: (r.get("resources") or {}).get("running_slot_seconds")),
+    ]
+    fig, axes = plt.subplots(1, len(figures), figsize=(13, 3.6))
+    colors = ["tab:red", "tab:orange", "tab:blue"][: len(rows)]
+    for ax, (title, pick) in zip(axes, figures, strict=True):
+        values = [median(runs, pick) or 0 for _, runs in rows]
+        bars = ax.bar(labels, values, color=colors)
+        ax.bar_label(bars, labels=[f"{v:,.1f}" if v < 100 else f"{v:,.0f}" for v in values], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        if not title.startswith("polls"):
+            ax.set_yscale("log")
+    fig.suptitle("N = 400 prompts, same machine, same emulator (render 10 ± 2 s)", fontsize=10)
+    fig.tight_layout()
+    path = out / "side_by_side.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="per-run result JSON files")
+    parser.add_argument("--out", default="docs/img", help="folder for the PNGs")
+    parser.add_argument("--window", type=int, default=100, help="the window of the scaling curve")
+    args = parser.parse_args(argv)
+    runs = load(args.files)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = scaling_points(runs, args.window)
+    if len(points) >= 2:
+        print(f"wrote {plot_scaling(points, args.window, out)}: " + ", ".join(
+            f"N={p['n']} {p['wall']:.1f} s ({p['runs']} run(s))" for p in points))  # fmt: skip
+    side = [
+        (label, runs[name])
+        for label, name in (
+            ("stock\n(mapped)", "stock_http_400"),
+            ("hand loop", "hand_loop_400"),
+            ("ours", "imagen_batch_400"),
+        )
+        if name in runs
+    ]
+    if len(side) >= 2:
+        drawn = plot_side_by_side(side, out)
+        print(f"wrote {drawn}: " + ", ".join(f"{label} ×{len(r)}" for label, r in side))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
