@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_imagen.batch.storage import as_path, write_whole
+from airflow_provider_imagen.batch.storage import as_path, read_bytes, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ class Journal:
         compact_over: int = DEFAULT_COMPACT_OVER,
     ) -> None:
         self.compact_over = compact_over
+        #: Segments this object wrote since it last read the journal.
+        self.appended = 0
         self.path = as_path(root) / _part(dag_id) / _part(run_id) / _part(task_id) / f"map_{map_index}"
 
     @classmethod
@@ -224,13 +226,14 @@ class Journal:
                 _fold_text(entries, segment, text)
             if len(segments) > self.compact_over:
                 self._compact(texts)
+            self.appended = 0
             return entries
         raise JournalReadError(f"{self.path}: segments kept vanishing while reading ({_LOAD_ATTEMPTS} tries)")
 
     @staticmethod
     def _read(segment: ObjectStoragePath) -> str:
         try:
-            return segment.read_text(encoding="utf-8")
+            return read_bytes(segment).decode("utf-8")
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -271,6 +274,7 @@ class Journal:
             return
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{_SEGMENT_SUFFIX}"
         write_whole(self.path / name, ("\n".join(lines) + "\n").encode("utf-8"))
+        self.appended += 1
 
 
 def record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 from urllib.parse import quote
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
@@ -31,8 +30,11 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen.api.errors import MODERATION_CODE
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
-from airflow_provider_imagen.batch.storage import as_path, write_whole
-from airflow_provider_imagen.batch.table import ImageSpec
+from airflow_provider_imagen.batch.storage import as_path, read_bytes, write_whole
+from airflow_provider_imagen.batch.table import ImageSpec, is_dataframe
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Version of :data:`MANIFEST_SCHEMA`; bump it with every change to the fields.
 SCHEMA_VERSION: Final = 1
@@ -316,8 +318,9 @@ def read_manifest(path: ObjectStoragePath | str) -> pd.DataFrame:
 
     ``df.attrs["schema_version"]`` holds the version it was written with (``None`` if absent).
     """
-    with as_path(path).open("rb") as handle:
-        table = pq.read_table(handle)
+    import pandas as pd  # only here: the batch operator writes manifests without pandas
+
+    table = pq.ParquetFile(pa.BufferReader(read_bytes(as_path(path)))).read()
     frame = table.to_pandas(
         types_mapper={pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}.get, ignore_metadata=True
     )
@@ -334,8 +337,7 @@ def manifest_counts(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> dict[st
 
     Small and JSON-safe: this is what goes to XCom and the Asset event.
     """
-    is_frame = isinstance(rows, pd.DataFrame)
-    statuses = rows["status"].tolist() if is_frame else [row["status"] for row in rows]
+    statuses = rows["status"].tolist() if is_dataframe(rows) else [row["status"] for row in rows]  # type: ignore[index, call-overload]
     counts = dict.fromkeys(STATUSES, 0)
     for status in statuses:
         if status not in counts:
@@ -347,8 +349,8 @@ def manifest_counts(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> dict[st
 
 def manifest_credits(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> int:
     """Return the credits the manifest's rows cost in total (46 per charged image)."""
-    if isinstance(rows, pd.DataFrame):
-        return int(rows["credits"].sum())
+    if is_dataframe(rows):
+        return int(rows["credits"].sum())  # type: ignore[index, call-overload]
     return sum(int(row["credits"]) for row in rows)
 
 

@@ -17,27 +17,43 @@ Invariants:
 - ``row`` is the 0-based position of the row in the table (after :func:`read_prompt_table`, the
   DataFrame's index), and every message names it;
 - validation never sends anything and reads each column once as a Python list (no per-row ``.loc``):
-  100,000 rows take about a second.
+  100,000 rows take about a second;
+- the batch operator reads tables with pyarrow alone: pandas costs a fraction of a second to import in
+  every task process (each pass of a batch is one), so it is imported only for callers who ask for a
+  DataFrame (:func:`read_prompt_table`) or pass one.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from urllib.parse import unquote
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.errors import ImagenInputError, RequestValidationError
 from airflow_provider_imagen.api.models import DEFAULT_SIZE, ImageRequest, validate_prompt, validate_size
-from airflow_provider_imagen.batch.storage import as_path
+from airflow_provider_imagen.batch.storage import as_path, read_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+
+class Columns(dict[str, list[Any]]):
+    """A table read from a list of records: column name → the cells as given, in row order."""
+
+
+#: What a table can be once read: an Arrow table (from Parquet), columns of Python values (from records),
+#: or a caller's DataFrame.
+Table: TypeAlias = "pa.Table | Columns | pd.DataFrame"
 
 #: Default name of the column holding each row's stable id (file names and journal keys derive from it).
 ID_COLUMN: Final = "prompt_id"
@@ -57,17 +73,28 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 _HIVE_NULL: Final = "__HIVE_DEFAULT_PARTITION__"
 _PANDAS_INDEX: Final = re.compile(r"__index_level_\d+__")
-#: Integer Arrow columns become pandas nullable integers, so one null does not turn 1 into 1.0.
-_INT_TYPES: Final = {
-    pa.int8(): pd.Int8Dtype(),
-    pa.int16(): pd.Int16Dtype(),
-    pa.int32(): pd.Int32Dtype(),
-    pa.int64(): pd.Int64Dtype(),
-    pa.uint8(): pd.UInt8Dtype(),
-    pa.uint16(): pd.UInt16Dtype(),
-    pa.uint32(): pd.UInt32Dtype(),
-    pa.uint64(): pd.UInt64Dtype(),
-}
+
+
+def is_dataframe(value: object) -> bool:
+    """Return whether ``value`` is a pandas DataFrame, without importing pandas (none exists before)."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, pandas.DataFrame)
+
+
+def _int_types() -> dict[pa.DataType, Any]:
+    """Map integer Arrow types to pandas nullable integers, so one null does not turn 1 into 1.0."""
+    import pandas as pd
+
+    return {
+        pa.int8(): pd.Int8Dtype(),
+        pa.int16(): pd.Int16Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.int64(): pd.Int64Dtype(),
+        pa.uint8(): pd.UInt8Dtype(),
+        pa.uint16(): pd.UInt16Dtype(),
+        pa.uint32(): pd.UInt32Dtype(),
+        pa.uint64(): pd.UInt64Dtype(),
+    }
 
 
 class PromptTableError(ImagenInputError):
@@ -128,6 +155,36 @@ def read_prompt_table(
 ) -> pd.DataFrame:
     """Return the prompt table as a DataFrame with a 0-based ``RangeIndex`` (the row numbers).
 
+    Everything :func:`load_prompt_table` reads; see there. Integer columns become pandas nullable
+    integers, and text that is not valid UTF-8 stays as Arrow holds it until a column is read.
+    """
+    table = load_prompt_table(
+        source, id_column=id_column, prompt_column=prompt_column, size_column=size_column
+    )
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        return table
+    if isinstance(table, Columns):
+        return pd.DataFrame(
+            {name: pd.Series(values, dtype=object) for name, values in table.items()},
+            index=pd.RangeIndex(len(next(iter(table.values())))),
+        )
+    try:
+        return table.to_pandas(types_mapper=_int_types().get, ignore_metadata=True)
+    except (pa.ArrowException, ValueError) as exc:  # pragma: no cover - exotic types only
+        raise PromptTableError(f"cannot convert the prompt table to pandas: {exc}") from exc
+
+
+def load_prompt_table(
+    source: ObjectStoragePath | str | os.PathLike[str] | Sequence[Mapping[str, Any]] | pd.DataFrame,
+    *,
+    id_column: str = ID_COLUMN,
+    prompt_column: str = PROMPT_COLUMN,
+    size_column: str = SIZE_COLUMN,
+) -> Table:
+    """Return the prompt table without pandas: an Arrow table, columns of values, or the DataFrame given.
+
     :param source: a Parquet file, or a folder read recursively in sorted order (hive partition
         folders such as ``ds=2026-01-01/`` add a string column ``ds`` unless the files already have it),
         on any ``ObjectStoragePath`` (``file://``, ``s3://``…) or local path; or a list of dict records;
@@ -140,8 +197,9 @@ def read_prompt_table(
     Read through ``ObjectStoragePath`` file objects (not pyarrow's own file systems) so the connection
     configured for ``s3://`` or ``gs://`` in Airflow is the one used.
     """
-    if isinstance(source, pd.DataFrame):
-        table = source.reset_index(drop=True)
+    table: Table
+    if is_dataframe(source):
+        table = source.reset_index(drop=True)  # type: ignore[union-attr]
         where = "the DataFrame"
     elif isinstance(source, (list, tuple)):
         table = _from_records(source)
@@ -155,14 +213,28 @@ def read_prompt_table(
             f"cannot read a prompt table from a {type(source).__name__}: pass a Parquet file or folder "
             "(path, URI or ObjectStoragePath), a list of dict records, or a pandas DataFrame"
         )
-    if len(table) == 0:
+    if _row_count(table) == 0:
         raise PromptTableError(f"the prompt table {where} has no rows; there is nothing to generate")
     check_columns(table, id_column=id_column, prompt_column=prompt_column, size_column=size_column)
     return table
 
 
+def _row_count(table: Table) -> int:
+    if isinstance(table, Columns):
+        return len(next(iter(table.values()), []))
+    return len(table)
+
+
+def _column_names(table: Table) -> list[str]:
+    if isinstance(table, pa.Table):
+        return list(table.column_names)
+    if isinstance(table, Columns):
+        return list(table)
+    return [str(c) for c in table.columns]
+
+
 def check_columns(
-    table: pd.DataFrame,
+    table: Table,
     *,
     id_column: str = ID_COLUMN,
     prompt_column: str = PROMPT_COLUMN,
@@ -173,7 +245,7 @@ def check_columns(
     The size column is optional under its default name (rows then take the table-wide sizes); a size
     column named explicitly must exist, since a typo there would silently buy the wrong ratio.
     """
-    columns = [str(c) for c in table.columns]
+    columns = _column_names(table)
     missing = [
         f"{name!r} (set with {param}=…)"
         for name, param in ((id_column, "id_column"), (prompt_column, "prompt_column"))
@@ -192,11 +264,11 @@ def check_columns(
             raise PromptTableError(f"the prompt table has {columns.count(name)} columns named {name!r}")
 
 
-def _from_records(records: Sequence[Any]) -> pd.DataFrame:
-    """Build a DataFrame of object columns, so every cell keeps its exact Python value.
+def _from_records(records: Sequence[Any]) -> Columns:
+    """Build columns of Python values, so every cell keeps its exact value.
 
-    Going through pandas' inference would turn ``[1, None]`` into ``[1.0, nan]`` (and the id ``1``
-    into an invalid float) or reject text that is not valid UTF-8 before we could name its row.
+    Going through an inference (pandas', Arrow's) would turn ``[1, None]`` into ``[1.0, nan]`` (and the
+    id ``1`` into an invalid float) or reject text that is not valid UTF-8 before we could name its row.
     """
     names: dict[str, None] = {}
     for number, item in enumerate(records):
@@ -206,13 +278,10 @@ def _from_records(records: Sequence[Any]) -> pd.DataFrame:
                 "column name to value"
             )
         names.update(dict.fromkeys(item))
-    return pd.DataFrame(
-        {name: pd.Series([r.get(name) for r in records], dtype=object) for name in names},
-        index=pd.RangeIndex(len(records)),
-    )
+    return Columns({name: [r.get(name) for r in records] for name in names})
 
 
-def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
+def _read_parquet(path: ObjectStoragePath) -> pa.Table:
     try:
         is_dir = path.is_dir()
         exists = is_dir or path.exists()
@@ -234,11 +303,7 @@ def _read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
         table = _read_one(path, partitions={})
     # pandas' own metadata is ignored: a named index written by pandas (say ``prompt_id``) comes back
     # as an ordinary column, and an unnamed one (``__index_level_0__``) is dropped.
-    table = table.drop_columns([name for name in table.column_names if _PANDAS_INDEX.fullmatch(name)])
-    try:
-        return table.to_pandas(types_mapper=_INT_TYPES.get, ignore_metadata=True)
-    except (pa.ArrowException, ValueError) as exc:  # pragma: no cover - exotic types only
-        raise PromptTableError(f"cannot convert the prompt table {path} to pandas: {exc}") from exc
+    return table.drop_columns([name for name in table.column_names if _PANDAS_INDEX.fullmatch(name)])
 
 
 def _parquet_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
@@ -279,8 +344,9 @@ def _hive_partitions(folder: ObjectStoragePath, path: ObjectStoragePath) -> dict
 
 def _read_one(path: ObjectStoragePath, *, partitions: Mapping[str, str | None]) -> pa.Table:
     try:
-        with path.open("rb") as handle:
-            table = pq.read_table(handle)
+        # One file, read whole: ``pq.read_table`` would build a dataset (importing pyarrow.dataset and
+        # pandas) for a file handle too.
+        table = pq.ParquetFile(pa.BufferReader(read_bytes(path))).read()
     except FileNotFoundError as exc:
         raise PromptTableError(f"the prompt table {path} does not exist") from exc
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -295,7 +361,7 @@ def _read_one(path: ObjectStoragePath, *, partitions: Mapping[str, str | None]) 
 
 
 def expand_specs(
-    table: pd.DataFrame | ObjectStoragePath | str | Sequence[Mapping[str, Any]],
+    table: pd.DataFrame | pa.Table | ObjectStoragePath | str | Sequence[Mapping[str, Any]],
     *,
     id_column: str = ID_COLUMN,
     prompt_column: str = PROMPT_COLUMN,
@@ -314,26 +380,27 @@ def expand_specs(
     ``"7"`` are the same and duplicates). Floats are refused, even ``3.0``: they usually come from an
     integer column with nulls, and ``"3.0"`` would silently become a new id.
 
-    :param table: a DataFrame, or anything :func:`read_prompt_table` reads.
+    :param table: a DataFrame or an Arrow table, or anything :func:`read_prompt_table` reads.
     :param sizes: ratios for rows without their own; ``None`` means ``[default_size]``.
     :param variations: images per (row, size), each its own paid request; at least 1.
     :raises PromptTableError: a required column is missing.
     :raises ImagenInputError: ``sizes``, ``default_size`` or ``variations`` is not acceptable (these are
         the caller's settings, not data: no row can be right if they are wrong).
     """
-    if not isinstance(table, pd.DataFrame):
-        table = read_prompt_table(
+    if not isinstance(table, (pa.Table, Columns)) and not is_dataframe(table):
+        table = load_prompt_table(
             table, id_column=id_column, prompt_column=prompt_column, size_column=size_column
         )
     check_columns(table, id_column=id_column, prompt_column=prompt_column, size_column=size_column)
     fallback = _fallback_sizes(sizes, default_size)
-    if isinstance(variations, bool) or not isinstance(variations, (int, np.integer)) or variations < 1:
+    if isinstance(variations, bool) or not isinstance(variations, numbers.Integral) or variations < 1:
         raise ImagenInputError(f"variations={variations!r}: must be an integer of at least 1")
     variation_range = range(int(variations))
 
     ids = _column_values(table, id_column)
     prompts = _column_values(table, prompt_column)
-    size_cells = _column_values(table, size_column) if size_column in table.columns else [None] * len(ids)
+    has_sizes = size_column in _column_names(table)
+    size_cells = _column_values(table, size_column) if has_sizes else [None] * len(ids)
 
     specs: list[ImageSpec] = []
     first_row: dict[str, int] = {}
@@ -385,25 +452,32 @@ def expand_specs(
     return specs
 
 
-def _column_values(table: pd.DataFrame, column: str) -> list[Any]:
+def _column_values(table: Table, column: str) -> list[Any]:
     """Return a column as Python values; name the row whose text is not valid UTF-8.
 
     Arrow refuses to turn such bytes into ``str`` for the whole column at once, with a message that
     names neither the row nor the column; find the row, so the user can fix the data.
     """
-    series = table[column]
+    if isinstance(table, Columns):
+        return table[column]
+    values = table.column(column) if isinstance(table, pa.Table) else table[column]
     try:
-        return series.tolist()
+        return _to_list(values)
     except (pa.ArrowException, UnicodeDecodeError) as exc:
-        for row in range(len(series)):
+        for row in range(len(values)):
             try:
-                series.iloc[row : row + 1].tolist()
+                _to_list(values[row : row + 1])
             except (pa.ArrowException, UnicodeDecodeError):
                 raise PromptTableError(
                     f"row {row}: column {column!r} holds bytes that are not valid UTF-8 text; "
                     "re-encode the table as UTF-8"
                 ) from exc
         raise PromptTableError(f"column {column!r} cannot be read as text: {exc}") from exc
+
+
+def _to_list(values: Any) -> list[Any]:
+    """Return an Arrow column (``to_pylist``) or a pandas Series (``tolist``) as Python values."""
+    return values.to_pylist() if isinstance(values, pa.ChunkedArray) else values.tolist()
 
 
 def _fallback_sizes(sizes: Sequence[str] | None, default_size: str) -> list[str]:
@@ -427,19 +501,17 @@ def _fallback_sizes(sizes: Sequence[str] | None, default_size: str) -> list[str]
 
 
 def _is_null(value: object) -> bool:
-    return (
-        value is None
-        or value is pd.NA
-        or value is pd.NaT
-        or (isinstance(value, float) and value != value)  # NaN, numpy floats included
-    )
+    if value is None or (isinstance(value, float) and value != value):  # NaN, numpy floats included
+        return True
+    pandas = sys.modules.get("pandas")  # pandas' own nulls can only come from pandas
+    return pandas is not None and (value is pandas.NA or value is pandas.NaT)
 
 
 def _check_prompt_id(value: object) -> tuple[str, str | None]:
     """Return (the id as text, the broken rule or ``None``)."""
     if _is_null(value):
         return "", str(RequestValidationError("prompt_id", value, "is missing (null)"))
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers too
         return str(int(value)), None
     if not isinstance(value, str):
         rule = f"must be a string or an integer, not {type(value).__name__}"
@@ -471,13 +543,18 @@ def _check_prompt(value: object) -> tuple[str | None, str | None]:
 
 def _row_sizes(cell: object, fallback: list[str]) -> list[tuple[str, str | None]]:
     """Return the row's sizes as (size, broken rule or ``None``), deduplicated in order."""
-    if isinstance(cell, (list, tuple, np.ndarray)):
+    if isinstance(cell, (list, tuple)) or _is_array(cell):
         if len(cell) == 0:
             return [("", str(RequestValidationError("size", list(cell), "must list at least one ratio")))]
         return _checked_sizes(cell, indexed=True)
     if _is_null(cell) or (isinstance(cell, str) and not cell.strip()):
         return [(size, None) for size in fallback]
     return _checked_sizes([cell], indexed=False)
+
+
+def _is_array(value: object) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
 
 
 def _checked_sizes(values: Iterable[object], *, indexed: bool) -> list[tuple[str, str | None]]:

@@ -65,7 +65,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param check_balance: cap the budget at the account balance (the balance is always read first: a
         free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most.
-    :param refill_fraction: come back to refill the window once this share of it has ended.
+    :param refill_fraction: when a wait with rows still to send is deferred (``linger=0``, or renders far
+        slower than ``expected_render``), come back to refill once this share of the window has ended.
     :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers).
     :param timeout: seconds for the whole try; tasks still rendering then are ``timeout`` in the
         manifest (a retry re-attaches to them), unsent rows ``not_submitted``.
@@ -77,9 +78,10 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param fail_on_moderation_rate: the same for moderated requests.
     :param mirror_concurrency: parallel downloads.
     :param progress_interval: seconds between progress lines in the log.
-    :param linger: when the next tasks are due to end within this many seconds, wait for them on the
-        worker instead of deferring (a triggerer round trip costs seconds of scheduling; ``0`` always
-        defers).
+    :param linger: wait on the worker instead of deferring when the next task is due to end within this
+        many seconds; while rows wait for room in the window, also whenever tasks are rendering, so each
+        place is refilled as it frees (a triggerer round trip costs seconds of scheduling and leaves
+        finished places empty). ``0`` always defers and frees the slot at every wait.
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
@@ -216,7 +218,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
             step = batch.run(outcome, sweep=sweep)
             # Passes in one process follow each other: the next starts from what this one folded in
             # instead of reading every segment again (a resume on a worker reads the journal afresh).
-            entries = batch.entries
+            # After many writes it reads once, which compacts the segments: a long stream on an object
+            # store would otherwise leave thousands for the final read.
+            entries = batch.entries if journal.appended <= journal.compact_over else None
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step)
             if self.deferrable and step.linger is None:
@@ -336,13 +340,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
     def _specs(self) -> list[ImageSpec]:
         from airflow_provider_imagen.batch.table import (
             expand_specs,
+            load_prompt_table,
             raise_if_invalid,
-            read_prompt_table,
             summarize_invalid,
         )
 
         try:
-            table = read_prompt_table(
+            table = load_prompt_table(
                 self.prompts,
                 id_column=self.id_column,
                 prompt_column=self.prompt_column,

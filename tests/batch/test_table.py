@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -398,3 +400,29 @@ def test_100k_rows_expand_correctly(tmp_path: Path) -> None:
     assert len(specs) == n
     assert sum(not s.valid for s in specs) == 100
     assert len({s.key for s in specs}) == n
+
+
+def test_a_batch_pass_reads_and_writes_without_pandas_or_the_provider_discovery(tmp_path: Path) -> None:
+    """Each pass of a batch is a new process: pandas (~0.3 s) and the discovery of every provider's file
+    systems and lineage factories (boto3 with the Amazon provider, ~0.7 s) would be paid on every pass.
+    Checked in a fresh interpreter, since this test process has imported both long ago."""
+    source = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "size": ["1:1", "16:9"]}), source)
+    script = f"""
+import sys
+from airflow_provider_imagen.batch.journal import Journal, record
+from airflow_provider_imagen.batch.manifest import write_manifest
+from airflow_provider_imagen.batch.storage import as_path, write_whole
+from airflow_provider_imagen.batch.table import expand_specs, load_prompt_table
+specs = expand_specs(load_prompt_table("file://{source}"))
+assert [s.key for s in specs] == ["a|1:1|v0", "b|16:9|v0"], specs
+journal = Journal("{tmp_path}/journal", dag_id="d", task_id="t", run_id="r")
+journal.append([record("intent", specs[0].key, attempt=0)])
+assert specs[0].key in journal.load()
+write_whole(as_path("{tmp_path}/images/a.png"), b"png")
+print(sorted(m for m in ("pandas", "boto3", "pyarrow.dataset") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "images" / "a.png").read_bytes() == b"png"
