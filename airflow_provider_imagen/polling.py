@@ -49,8 +49,10 @@ import asyncio
 import dataclasses
 import math
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -623,7 +625,11 @@ def poll_tasks(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Any] = time.sleep,
 ) -> PollOutcome:
-    """Poll like :func:`apoll_tasks`, blocking and one poll at a time: for workers (non-deferrable tasks).
+    """Poll like :func:`apoll_tasks`, blocking, on the worker (non-deferrable tasks, a lingering batch).
+
+    Due ids are polled from a few threads (at most ``schedule.max_concurrent_polls``): a batch that
+    refills on the worker polls, downloads and submits ~10 times a second, and one GET at a time would
+    make the notice of every end wait for the others.
 
     :param deadline: absolute wall-clock time (epoch seconds, like ``time.time()``).
     :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
@@ -633,22 +639,28 @@ def poll_tasks(
         memory, image URL and all, so the download needs no second GET; it never goes to an event.
     """
     tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
-    while True:
-        now = clock()
-        outcome = tracker.result(now, deadline, fire_when_done)
-        if outcome is not None:
-            return outcome
-        due = tracker.due(now, deadline)
-        if due:
-            for task_id in due:
-                if tracker.is_paused(clock()):
-                    break
-                try:
-                    answer: Task | BaseException = client.get_task(task_id)
-                except POLL_ERRORS as exc:
-                    answer = exc
-                tracker.record(task_id, answer, clock())
-                if seen is not None and isinstance(answer, Task) and answer.is_terminal:
-                    seen[task_id] = answer
-            continue
-        sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
+    lock = threading.Lock()
+
+    def poll_one(task_id: str) -> None:
+        if tracker.is_paused(clock()):
+            return  # an earlier poll of this round failed: wait for the pause like everyone else
+        try:
+            answer: Task | BaseException = client.get_task(task_id)
+        except POLL_ERRORS as exc:
+            answer = exc
+        with lock:
+            tracker.record(task_id, answer, clock())
+            if seen is not None and isinstance(answer, Task) and answer.is_terminal:
+                seen[task_id] = answer
+
+    with ThreadPoolExecutor(max_workers=tracker.schedule.max_concurrent_polls) as pool:
+        while True:
+            now = clock()
+            outcome = tracker.result(now, deadline, fire_when_done)
+            if outcome is not None:
+                return outcome
+            due = tracker.due(now, deadline)
+            if due:
+                list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
+                continue
+            sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
