@@ -97,7 +97,7 @@ class Scenario:
         """The render-bound lower limit N / max_in_flight × mean latency (issue 6), when it applies."""
         if not self.max_in_flight:
             return None
-        return -(-self.n // self.max_in_flight) * self.latency_mean
+        return self.n / self.max_in_flight * self.latency_mean
 
 
 @dataclass(frozen=True)
