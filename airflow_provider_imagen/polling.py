@@ -213,6 +213,9 @@ class PollOutcome:
     message: str | None = None
     #: GET requests the poller made (each may include the client's own retries).
     polls: int = 0
+    #: Every id was polled on its grid up to this instant (the poller's last full round), so the next
+    #: poller may skip the instants before it. Not part of events: a resumed worker sweeps instead.
+    polled_until: float | None = None
 
     @property
     def completed_ids(self) -> list[str]:
@@ -376,6 +379,8 @@ class PollTracker:
         self.consecutive_errors = 0
         #: Why the last transient failure happened (URL-free).
         self.last_error: str | None = None
+        #: The last instant at which a round polled every id then due (see :meth:`round_done`).
+        self.polled_until: float | None = None
 
     # -- what the caller asks ------------------------------------------------------------------
 
@@ -408,6 +413,15 @@ class PollTracker:
         for item in due:  # still due until answered: an answer queues the id's next instant
             heapq.heappush(self._queue, item)
         return [tid for _, tid in due]
+
+    def round_done(self, now: float) -> None:
+        """Note that the ids :meth:`due` returned at ``now`` were all polled, unless a pause cut the round.
+
+        A later poller skips the grid instants up to here; an instant after the round's ``now`` was
+        not polled, however late the poller returned.
+        """
+        if not self.is_paused(now):
+            self.polled_until = now
 
     def next_wake(self, now: float, deadline: float | None = None) -> float:
         """Return when something can next happen: a poll falls due, a pause ends, or the deadline."""
@@ -557,7 +571,9 @@ class PollTracker:
 
     def _outcome(self, status: OutcomeStatus, message: str | None) -> PollOutcome:
         tasks = {tid: self.state(tid) for tid in self._tracks}
-        return PollOutcome(status=status, tasks=tasks, message=message, polls=self.polls())
+        return PollOutcome(
+            status=status, tasks=tasks, message=message, polls=self.polls(), polled_until=self.polled_until
+        )
 
 
 def _tracker(
@@ -630,6 +646,7 @@ async def apoll_tasks(
             for answer in answers:
                 if isinstance(answer, BaseException):
                     raise answer
+            tracker.round_done(now)
             continue
         await sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
 
@@ -684,5 +701,6 @@ def poll_tasks(
             due = tracker.due(now, deadline)
             if due:
                 list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
+                tracker.round_done(now)
                 continue
             sleep(max(tracker.next_wake(now, deadline) - now, 0.0))

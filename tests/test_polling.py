@@ -552,3 +552,25 @@ class TestPolledUntil:
             ["b"], PollSchedule(), start=120.0, submitted_at={"b": 119.0}, polled_until=120.0
         )
         assert tracker.next_due("b") == pytest.approx(129.0)
+
+    async def test_a_poller_that_returns_early_hands_on_only_what_it_polled(self, kind: str) -> None:
+        """A lingering batch returns from each poll at the first end, runs a pass, and polls again.
+
+        The next poller may skip only the instants its predecessor really polled: its last round, not
+        the time it returned or the next pass started. (Skipping up to the pass start lost ids for whole
+        backoff steps: a task ready at 8.7 s was first polled at 26 s.)
+        """
+        clock = FakeClock()
+        t0 = clock.now
+        submitted = {"a": t0, "b": t0 + 0.5}
+        client = make_client(kind, clock, {"a": t0 + 9, "b": t0 + 10.6})
+        first = await run_driver(kind, client, ["a", "b"], deadline=t0 + 60, submitted_at=submitted,
+                                 fire_when_done=1)  # fmt: skip
+        assert first.completed_ids == ["a"]
+        assert first.polled_until == pytest.approx(t0 + 10)  # the round that saw "a"; "b" is due at 10.5
+        clock.sleep(1.0)  # the pass: mirror "a", refill its place
+        second = await run_driver(kind, client, ["b"], deadline=t0 + 60, submitted_at=submitted,
+                                  fire_when_done=1, polled_until=first.polled_until)  # fmt: skip
+        assert second.completed_ids == ["b"]
+        b_polls = [at - t0 for at, tid in client.calls if tid == "b"]
+        assert b_polls == [pytest.approx(11.0)]  # its 10.5 instant is caught up at once, not skipped to 12.5

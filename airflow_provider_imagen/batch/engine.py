@@ -242,10 +242,22 @@ class BatchPass:
                 task_ids=list(submitted_at),
                 submitted_at=list(submitted_at.values()),
                 fire_when_done=need,
-                polled_until=started if outcome is not None else None,
+                polled_until=self._polled_until(outcome, started),
                 linger=linger,
             )
         return self._finish(plan, stop)
+
+    @staticmethod
+    def _polled_until(outcome: PollOutcome | None, started: float) -> float | None:
+        """Return up to when the tasks were polled on their grids, for the next poller to skip.
+
+        A poller in this process says so itself (its last full round: the instants after it were not
+        polled, and skipping them lost tasks for whole backoff steps). After the triggerer, the sweep of
+        this pass polled every overdue task at ``started``. A try's first pass: nothing was polled.
+        """
+        if outcome is None:
+            return None
+        return outcome.polled_until if outcome.polled_until is not None else started
 
     # -- steps ---------------------------------------------------------------------------------
 

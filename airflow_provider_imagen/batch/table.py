@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-
 class Columns(dict[str, list[Any]]):
     """A table read from a list of records: column name → the cells as given, in row order."""
 
