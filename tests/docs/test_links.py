@@ -8,9 +8,6 @@ import pytest
 
 from tests.docs.markdown import DOCS, anchors, doc_files, links, rel
 
-#: Pages other engineers write (issues 6 and 7); linked before they exist.
-PENDING = {DOCS / "benchmarks.md", DOCS / "reliability.md"}
-
 PAGES = doc_files()
 
 
@@ -23,8 +20,7 @@ def test_relative_links_resolve(page: Path) -> None:
         path_part, _, anchor = target.partition("#")
         dest = (page.parent / path_part).resolve() if path_part else page
         if not dest.exists():
-            if dest not in PENDING:
-                broken.append(f"line {line}: {target} (no such file)")
+            broken.append(f"line {line}: {target} (no such file)")
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"line {line}: {target} (no heading #{anchor} in {rel(dest)})")
@@ -33,5 +29,5 @@ def test_relative_links_resolve(page: Path) -> None:
 
 def test_the_index_lists_every_page() -> None:
     listed = {(DOCS / target.partition("#")[0]).resolve() for _, target in links(DOCS / "index.md")}
-    pages = {p.resolve() for p in DOCS.rglob("*.md") if p.name != "index.md"} | PENDING
+    pages = {p.resolve() for p in DOCS.rglob("*.md") if p.name != "index.md"}
     assert pages <= listed, f"pages missing from docs/index.md: {sorted(rel(p) for p in pages - listed)}"
