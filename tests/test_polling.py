@@ -49,7 +49,7 @@ class TestSchedule:
     def test_defaults(self) -> None:
         s = PollSchedule()
         assert (s.expected_render, s.poll_interval, s.backoff, s.max_poll_interval) == (10.0, 2.0, 1.5, 30.0)
-        assert (s.max_consecutive_errors, s.max_concurrent_polls) == (10, 20)
+        assert (s.max_consecutive_errors, s.max_concurrent_polls) == (10, 8)
 
     def test_kwargs_round_trip_through_json(self) -> None:
         s = PollSchedule(
