@@ -37,6 +37,7 @@ from airflow_provider_imagen.api import (
     Task,
     TaskNotFoundError,
 )
+from airflow_provider_imagen.api.aiohttp_transport import AiohttpTransport
 from airflow_provider_imagen.api.errors import task_failure
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2)
@@ -62,7 +63,7 @@ def settings_for(emulator: Any, **changes: Any) -> ClientSettings:
     return replace(base, **changes)
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "aiohttp"])
 async def make_client(request: pytest.FixtureRequest, emulator: Any) -> AsyncIterator[Any]:
     opened: list[Any] = []
 
@@ -72,7 +73,9 @@ async def make_client(request: pytest.FixtureRequest, emulator: Any) -> AsyncIte
             client: Any = ImagenClient(settings)
             opened.append(client.close)
             return SyncAdapter(client)
-        client = AsyncImagenClient(settings)
+        # "aiohttp": the triggerer's client (ImagenHook.aget_conn), same flows through another transport.
+        transport = AiohttpTransport() if request.param == "aiohttp" else None
+        client = AsyncImagenClient(settings, transport=transport)
         opened.append(client.aclose)
         return client
 
