@@ -281,11 +281,22 @@ class TestDownloads:
 
 class TestSecrets:
     async def test_key_never_in_logs_errors_or_reprs(
-        self, make_client: Any, emulator: Any, caplog: pytest.LogCaptureFixture
+        self,
+        make_client: Any,
+        emulator: Any,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         secret = "rk_secret_value_that_must_not_leak"
         emulator.configure(api_keys=(emulator.api_key, secret))
         caplog.set_level(logging.DEBUG)
+        # Airflow's logging config, applied when other test modules import Airflow, quiets httpx's logger:
+        # without this the check below would read only httpcore's lines (and nothing at all through the
+        # aiohttp transport), not the request lines that carry URLs.
+        httpx_logger = logging.getLogger("httpx")
+        caplog.set_level(logging.DEBUG, logger="httpx")
+        monkeypatch.setattr(httpx_logger, "disabled", False)
+        monkeypatch.setattr(httpx_logger, "propagate", True)
         texts: list[str] = []
         client = make_client(api_key=secret)
         task = await wait_terminal(client, (await client.submit(ImageRequest("secret test"))).id)
@@ -297,7 +308,7 @@ class TestSecrets:
             texts += [str(info.value), repr(info.value)]
         inner = getattr(client, "inner", client)
         texts += [repr(inner), repr(inner.settings), caplog.text]
-        assert caplog.text  # httpx did log the requests
+        assert "HTTP Request" in caplog.text  # httpx did log the requests
         for text in texts:
             assert secret not in text
         assert "sig=" not in caplog.text  # signed image URL redacted in httpx's request lines
