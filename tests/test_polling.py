@@ -49,7 +49,7 @@ class TestSchedule:
     def test_defaults(self) -> None:
         s = PollSchedule()
         assert (s.expected_render, s.poll_interval, s.backoff, s.max_poll_interval) == (10.0, 2.0, 1.5, 30.0)
-        assert (s.max_consecutive_errors, s.max_concurrent_polls) == (10, 8)
+        assert (s.max_consecutive_errors, s.max_concurrent_polls, s.round_gap) == (10, 8, 0.25)
 
     def test_kwargs_round_trip_through_json(self) -> None:
         s = PollSchedule(
@@ -74,6 +74,7 @@ class TestSchedule:
             ("max_poll_interval", 1.0, "max_poll_interval=1.0: must be >= poll_interval"),
             ("max_consecutive_errors", 0, "max_consecutive_errors=0: must be >= 1"),
             ("max_concurrent_polls", 2.5, "max_concurrent_polls=2.5: must be an integer"),
+            ("round_gap", -0.1, "round_gap=-0.1: must be >= 0"),
             ("poll_interval", "2", "poll_interval='2': must be a finite number"),
             ("poll_interval", float("nan"), "must be a finite number"),
             ("max_consecutive_errors", True, "must be an integer"),
@@ -123,6 +124,27 @@ class TestGrid:
             assert tracker.due(now) == ["a"]
             tracker.record_status("a", "processing", None, now)
         assert tracker.next_due("a") == 7.0
+
+    def test_ids_falling_due_within_the_round_gap_wait_for_the_next_round(self) -> None:
+        submits = {"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3}
+        tracker = PollTracker(list(submits), PollSchedule(), start=0.0, submitted_at=submits)
+        rounds = []
+        now = tracker.next_wake(0.0)
+        while len(rounds) < 3:
+            due = tracker.due(now)
+            rounds.append((round(now, 3), due))
+            for tid in due:
+                tracker.record_status(tid, "processing", None, now)
+            tracker.round_done(now)
+            assert tracker.due(now + 0.1) == []  # the next round waits for the gap
+            now = tracker.next_wake(now)
+        assert rounds == [(10.0, ["a"]), (10.25, ["b", "c"]), (10.5, ["d"])]
+        # Without a gap each id is polled the moment it falls due.
+        tracker = PollTracker(list(submits), PollSchedule(round_gap=0), start=0.0, submitted_at=submits)
+        assert tracker.due(10.0) == ["a"]
+        tracker.record_status("a", "processing", None, 10.0)
+        tracker.round_done(10.0)
+        assert tracker.next_wake(10.0) == 10.1
 
     def test_a_late_answer_is_not_followed_by_a_near_duplicate(self) -> None:
         tracker = PollTracker(["a"], PollSchedule(), start=0.0)
@@ -351,6 +373,7 @@ def simulate(
     while tracker.result(now, FAR) is None:
         for tid in tracker.due(now, FAR):
             tracker.record_status(tid, "completed" if now >= ready[tid] else "processing", None, now)
+        tracker.round_done(now)
         now = tracker.next_wake(now, FAR)
     late = sorted(tracker.ended_at(tid) - ready[tid] for tid in ids)  # type: ignore[operator]
     return tracker.polls() / len(ids), statistics.mean(late), late[int(0.95 * len(late)) - 1]
@@ -517,6 +540,18 @@ class TestDrivers:
             await run_driver(kind, client, ["a"], deadline=FAR, fire_when_done=0)
         with pytest.raises(ValueError, match="deadline"):
             await run_driver(kind, client, ["a"], deadline=None)  # type: ignore[arg-type]
+
+    async def test_ids_falling_due_together_share_a_round(self, kind: str) -> None:
+        clock = FakeClock()
+        t0 = clock.now
+        ids = [f"t{i}" for i in range(40)]  # submitted 10 ms apart, each ready at its first poll
+        submitted = {tid: t0 + i * 0.01 for i, tid in enumerate(ids)}
+        client = make_client(kind, clock, {tid: at + 10.0 for tid, at in submitted.items()})
+        outcome = await run_driver(kind, client, ids, deadline=t0 + 100, submitted_at=submitted)
+        assert outcome.status == "success" and outcome.polls == 40
+        rounds = sorted({round(t - t0, 3) for t, _ in client.calls})
+        assert rounds == [10.0, 10.25, 10.5]  # 3 wake-ups for 40 ids falling due over 0.39 s
+        assert all(t >= submitted[tid] + 10.0 for t, tid in client.calls)  # never before the grid
 
     async def test_async_polls_are_concurrent_but_bounded(self) -> None:
         clock = FakeClock()

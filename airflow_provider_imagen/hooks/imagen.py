@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from airflow_provider_imagen.api.aiohttp_transport import AiohttpTransport
 from airflow_provider_imagen.api.client import AsyncImagenClient, ClientSettings, ImagenClient
 from airflow_provider_imagen.api.errors import ImagenError
 from airflow_provider_imagen.api.retry import RetryPolicy
@@ -101,10 +100,8 @@ class ImagenHook(BaseHook):
         conn = await self.aget_connection(self.imagen_conn_id)
         settings = settings_from_connection(conn, retry=self.retry)
         await _amask(settings.api_key)
-        # aiohttp moves the bytes: the same requests at a fraction of httpx's CPU, which a trigger polling
-        # thousands of renders pays on every poll (see api/aiohttp_transport.py).
-        transport = AiohttpTransport(max_connections=max_connections)
-        return AsyncImagenClient(settings, transport=transport, max_connections=max_connections)
+        # Sends through aiohttp: a trigger polling thousands of renders pays the client's CPU on every poll.
+        return AsyncImagenClient(settings, max_connections=max_connections)
 
     def get_balance(self) -> int:
         """Return the account's credits."""

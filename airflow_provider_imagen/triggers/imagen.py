@@ -61,6 +61,7 @@ class ImagenTaskTrigger(BaseTrigger):
     :param max_poll_interval: cap of one interval, in seconds.
     :param max_consecutive_errors: transient poll failures in a row before an ``error`` event.
     :param max_concurrent_polls: polls in flight at once (and the HTTP connection pool size).
+    :param round_gap: least seconds between two poll rounds; ids falling due meanwhile go together.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class ImagenTaskTrigger(BaseTrigger):
         max_poll_interval: float = _DEFAULTS.max_poll_interval,
         max_consecutive_errors: int = _DEFAULTS.max_consecutive_errors,
         max_concurrent_polls: int = _DEFAULTS.max_concurrent_polls,
+        round_gap: float = _DEFAULTS.round_gap,
     ) -> None:
         super().__init__()
         if isinstance(task_ids, str) or not all(isinstance(t, str) and t.strip() for t in task_ids):
@@ -119,6 +121,7 @@ class ImagenTaskTrigger(BaseTrigger):
             max_poll_interval=max_poll_interval,
             max_consecutive_errors=max_consecutive_errors,
             max_concurrent_polls=max_concurrent_polls,
+            round_gap=round_gap,
         )
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -37,7 +38,6 @@ from airflow_provider_imagen.api import (
     Task,
     TaskNotFoundError,
 )
-from airflow_provider_imagen.api.aiohttp_transport import AiohttpTransport
 from airflow_provider_imagen.api.errors import task_failure
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2)
@@ -63,7 +63,7 @@ def settings_for(emulator: Any, **changes: Any) -> ClientSettings:
     return replace(base, **changes)
 
 
-@pytest.fixture(params=["sync", "async", "aiohttp"])
+@pytest.fixture(params=["sync", "async", "async-httpx"])
 async def make_client(request: pytest.FixtureRequest, emulator: Any) -> AsyncIterator[Any]:
     opened: list[Any] = []
 
@@ -73,8 +73,9 @@ async def make_client(request: pytest.FixtureRequest, emulator: Any) -> AsyncIte
             client: Any = ImagenClient(settings)
             opened.append(client.close)
             return SyncAdapter(client)
-        # "aiohttp": the triggerer's client (ImagenHook.aget_conn), same flows through another transport.
-        transport = AiohttpTransport() if request.param == "aiohttp" else None
+        # "async" sends through aiohttp (the triggerer's client, ImagenHook.aget_conn); "async-httpx" runs
+        # the same flows through httpx.AsyncClient and httpx's own network stack.
+        transport = httpx.AsyncHTTPTransport() if request.param == "async-httpx" else None
         client = AsyncImagenClient(settings, transport=transport)
         opened.append(client.aclose)
         return client
@@ -290,13 +291,14 @@ class TestSecrets:
         secret = "rk_secret_value_that_must_not_leak"
         emulator.configure(api_keys=(emulator.api_key, secret))
         caplog.set_level(logging.DEBUG)
-        # Airflow's logging config, applied when other test modules import Airflow, quiets httpx's logger:
-        # without this the check below would read only httpcore's lines (and nothing at all through the
-        # aiohttp transport), not the request lines that carry URLs.
-        httpx_logger = logging.getLogger("httpx")
-        caplog.set_level(logging.DEBUG, logger="httpx")
-        monkeypatch.setattr(httpx_logger, "disabled", False)
-        monkeypatch.setattr(httpx_logger, "propagate", True)
+        # Airflow's logging config, applied when other test modules import Airflow, quiets these loggers:
+        # without this the check below would read only httpcore's lines, not the request lines (httpx's,
+        # or the aiohttp sender's) that carry URLs.
+        for name in ("httpx", "airflow_provider_imagen.api.aiohttp_sender"):
+            request_logger = logging.getLogger(name)
+            caplog.set_level(logging.DEBUG, logger=name)
+            monkeypatch.setattr(request_logger, "disabled", False)
+            monkeypatch.setattr(request_logger, "propagate", True)
         texts: list[str] = []
         client = make_client(api_key=secret)
         task = await wait_terminal(client, (await client.submit(ImageRequest("secret test"))).id)
@@ -308,7 +310,8 @@ class TestSecrets:
             texts += [str(info.value), repr(info.value)]
         inner = getattr(client, "inner", client)
         texts += [repr(inner), repr(inner.settings), caplog.text]
-        assert "HTTP Request" in caplog.text  # httpx did log the requests
+        request_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP Request")]
+        assert any("/…/" in line for line in request_lines)  # the requests were logged, URLs redacted
         for text in texts:
             assert secret not in text
-        assert "sig=" not in caplog.text  # signed image URL redacted in httpx's request lines
+        assert "sig=" not in caplog.text  # signed image URL redacted in the request lines
