@@ -1,12 +1,12 @@
-"""Send the async client's requests through aiohttp, without httpx's client machinery around them.
+"""Send the async client's calls straight through aiohttp: a trigger's polls at a fraction of the CPU.
 
 Why: a trigger watching 2,000 renders polls ~5,000 times in ~10 s, and the triggerer shares its core with
-every other trigger. Through ``httpx.AsyncClient`` and its own pool (httpcore) one GET costs ~0.9–1.8 ms
-of CPU; through ``httpx.AsyncClient`` over an aiohttp transport ~0.27 ms, half of it the client's
-per-request steps (auth, redirects, cookies, hooks, stream wrappers) that these calls never use; sent
-straight through aiohttp ~0.17 ms (docs/benchmarks.md, scenario 3). The flows, retries and error types of
-:mod:`airflow_provider_imagen.api.client` stay as they are: a flow still yields an ``httpx.Request`` and
-reads an ``httpx.Response``; this only moves the bytes.
+every other trigger. Through ``httpx.AsyncClient`` and its own pool (httpcore) one GET cost ~0.9–1.8 ms of
+CPU; through ``httpx.AsyncClient`` over an aiohttp transport ~0.27 ms, half of it request/response objects
+and client steps (auth, redirects, cookies, hooks) these calls never use. Here a
+:class:`~airflow_provider_imagen.api.wire.Call` goes to aiohttp as it is and the answer comes back as a
+small :class:`_Reply` (docs/benchmarks.md, scenario 3). Streams (image downloads) come back as
+``httpx.Response`` objects over the aiohttp body, for the client's streaming code.
 
 Failure mapping (what the retry policy needs to know: was the request possibly sent?):
 - could not connect (refused, DNS, connect timeout) → ``httpx.ConnectError`` / ``httpx.ConnectTimeout``:
@@ -18,19 +18,53 @@ Failure mapping (what the retry policy needs to know: was the request possibly s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import urllib.request
+import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import httpx
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from airflow_provider_imagen.api.client import redact_url
+from airflow_provider_imagen.api.wire import Call
 
 #: Read size when streaming a body back to httpx.
 _CHUNK = 64 * 1024
+#: Never set by aiohttp: the client decodes bodies itself (httpx for streams, :class:`_Reply` for JSON).
+_SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 
 _log = logging.getLogger(__name__)
+
+
+class _Reply:
+    """A whole, small answer (API JSON) as the flows read it: see ``wire.Reply``."""
+
+    __slots__ = ("content", "headers", "reason_phrase", "status_code")
+
+    def __init__(self, status_code: int, reason: str | None, headers: CIMultiDictProxy[str], content: bytes):
+        self.status_code = status_code
+        self.reason_phrase = reason or ""
+        self.headers = headers
+        self.content = content
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def json(self) -> Any:
+        content = self.content
+        encoding = self.headers.get("Content-Encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):  # not asked for, but a server may send it anyway
+            try:
+                content = zlib.decompress(content, wbits=47)  # gzip or zlib, told apart by the header
+            except zlib.error as exc:
+                raise ValueError(f"body is not valid {encoding}: {exc}") from None
+        return json.loads(content)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -51,12 +85,13 @@ class _Body(httpx.AsyncByteStream):
 
 
 class AiohttpSender:
-    """Send ``httpx.Request`` objects with one aiohttp session; answer ``httpx.Response`` objects.
+    """Send :class:`~airflow_provider_imagen.api.wire.Call` objects with one aiohttp session.
 
     The session (a pool of at most ``max_connections``) is opened on first use, inside the event loop
-    that uses it (a trigger's). Like httpx it honours the proxy variables of the environment, follows no
-    redirect and keeps no cookies. Bodies are passed through undecoded: ``httpx.Response`` decodes them.
-    A request line is logged at DEBUG with its URL redacted (httpx logs its own at INFO).
+    that uses it (a trigger's). Like httpx it follows no redirect, keeps no cookies and honours the
+    ``HTTP(S)_PROXY`` / ``NO_PROXY`` variables (looked up once per host: aiohttp's own ``trust_env``
+    looks them up on every request, which tripled the CPU of a poll). A request line is logged at
+    DEBUG with its URL redacted.
 
     :param timeout: seconds to connect (including waiting for a pooled connection) and between reads.
     :param max_connections: connection pool size.
@@ -68,6 +103,7 @@ class AiohttpSender:
             total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], str | None] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -76,41 +112,50 @@ class AiohttpSender:
                 timeout=self._timeout,
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
             )
         return self._session
 
-    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        """Send ``request``; with ``stream`` the body is left to read (close the response)."""
+    def proxy_for(self, url: URL) -> str | None:
+        """Return the environment's proxy for ``url`` (``None``: direct), remembered per scheme and host."""
+        key = (url.scheme, url.host or "")
+        if key not in self._proxies:
+            bypass = not url.host or urllib.request.proxy_bypass_environment(url.host)
+            self._proxies[key] = None if bypass else urllib.request.getproxies_environment().get(url.scheme)
+        return self._proxies[key]
+
+    async def send(self, call: Call, *, stream: bool = False) -> Any:
+        """Send ``call``; answer a ``_Reply``, or with ``stream`` an ``httpx.Response`` to read and close."""
+        url = URL(call.url)
         try:
             response = await self._open().request(
-                request.method,
-                URL(str(request.url), encoded=True),  # httpx already percent-encoded it
-                headers=list(request.headers.multi_items()),
-                data=request.content or None,
+                call.method,
+                url,
+                headers=call.headers,
+                data=call.content,
                 allow_redirects=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+                proxy=self.proxy_for(url),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
             )
         except (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError) as exc:
-            raise httpx.ConnectError(f"could not connect: {type(exc).__name__}", request=request) from exc
+            raise httpx.ConnectError(f"could not connect: {type(exc).__name__}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout("connecting timed out", request=request) from exc
+            raise httpx.ConnectTimeout("connecting timed out") from exc
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise httpx.ReadTimeout("waiting for the answer timed out", request=request) from exc
+            raise httpx.ReadTimeout("waiting for the answer timed out") from exc
         except aiohttp.ClientError as exc:
-            raise httpx.ReadError(f"the exchange broke off: {type(exc).__name__}", request=request) from exc
+            raise httpx.ReadError(f"the exchange broke off: {type(exc).__name__}") from exc
         if _log.isEnabledFor(logging.DEBUG):
-            _log.debug('HTTP Request: %s %s "%d"', request.method, redact_url(request.url), response.status)
-        headers = list(response.raw_headers)
+            _log.debug('HTTP Request: %s %s "%d"', call.method, redact_url(call.url), response.status)
         if stream:
-            return httpx.Response(response.status, headers=headers, stream=_Body(response), request=request)
+            headers = list(response.raw_headers)
+            return httpx.Response(response.status, headers=headers, stream=_Body(response))
         try:
             content = await response.read()
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise _body_error(exc, request) from exc
+            raise _body_error(exc) from exc
         finally:
             response.release()
-        return httpx.Response(response.status, headers=headers, content=content, request=request)
+        return _Reply(response.status, response.reason, response.headers, content)
 
     async def aclose(self) -> None:
         """Close the session and its connections."""
@@ -119,7 +164,7 @@ class AiohttpSender:
             self._session = None
 
 
-def _body_error(exc: BaseException, request: httpx.Request | None = None) -> httpx.TransportError:
+def _body_error(exc: BaseException) -> httpx.TransportError:
     if isinstance(exc, asyncio.TimeoutError):
-        return httpx.ReadTimeout(f"reading the body timed out: {type(exc).__name__}", request=request)
-    return httpx.ReadError(f"reading the body failed: {type(exc).__name__}", request=request)
+        return httpx.ReadTimeout(f"reading the body timed out: {type(exc).__name__}")
+    return httpx.ReadError(f"reading the body failed: {type(exc).__name__}")

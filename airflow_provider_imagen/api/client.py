@@ -1,10 +1,11 @@
 """The one place that speaks HTTP to reAPI: a sync and an async client with one shared core.
 
-Every call is written once, as a *flow*: a generator that yields what to do next (an
-:class:`httpx.Request` to send, or a number of seconds to sleep) and receives what happened (a
-response or a transport error). :class:`ImagenClient` and :class:`AsyncImagenClient` only drive flows,
-the way httpx drives its auth flows, so the request building, error mapping and the retry policy of
-:mod:`airflow_provider_imagen.api.retry` exist once for both.
+Every call is written once, as a *flow*: a generator that yields what to do next (a
+:class:`~airflow_provider_imagen.api.wire.Call` to send, or a number of seconds to sleep) and receives
+what happened (a :class:`~airflow_provider_imagen.api.wire.Reply` or a transport error).
+:class:`ImagenClient` and :class:`AsyncImagenClient` only drive flows, the way httpx drives its auth flows,
+so the request building, error mapping and the retry policy of :mod:`airflow_provider_imagen.api.retry`
+exist once for both.
 
 Secrets: the API key travels only in the ``Authorization`` header of requests to the API's own base
 URL (never to the image CDN), is not in any ``repr``, and is never put in an exception. Signed image
@@ -44,6 +45,7 @@ from airflow_provider_imagen.api.errors import (
 )
 from airflow_provider_imagen.api.models import ImageRequest, Task
 from airflow_provider_imagen.api.retry import NOT_SENT_ERRORS, RetryPolicy, parse_retry_after
+from airflow_provider_imagen.api.wire import Call, Reply, json_call
 
 #: Where reAPI lives when a connection names no host.
 DEFAULT_BASE_URL: Final = "https://reapi.ai"
@@ -56,8 +58,10 @@ _HEAD_BYTES: Final = 256 * 1024
 _PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 
 T = TypeVar("T")
-#: What a flow yields (send this request / sleep this long) and what it is sent back.
-Flow = Generator["httpx.Request | float", "httpx.Response | httpx.TransportError | None", T]
+#: What a flow yields (send this call / sleep this long) and what it is sent back.
+Flow = Generator["Call | float", "Reply | httpx.TransportError | None", T]
+#: An async sender: puts a call on the wire, answers a reply (``stream``: body left to read).
+AsyncSend = Callable[..., Awaitable[Any]]
 
 
 def normalize_base_url(host: str | None) -> str:
@@ -143,11 +147,9 @@ class _BaseClient:
     # -- flows ---------------------------------------------------------------------------------
 
     def _submit_flow(self, request: ImageRequest, idempotency_key: str | None) -> Flow[Task]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        http_request = self._api_request(
-            "POST", "/images/generations", json=request.to_json(), headers=headers
-        )
-        response = yield from self._exchange(http_request, submit=True)
+        headers = {**self._headers, "Idempotency-Key": idempotency_key} if idempotency_key else self._headers
+        call = json_call("POST", self._api_root + "/images/generations", headers, request.to_json())
+        response = yield from self._exchange(call, submit=True)
         try:
             return Task.from_json(response.json())
         except ValueError as exc:
@@ -160,26 +162,27 @@ class _BaseClient:
     def _get_task_flow(self, task_id: str) -> Flow[Task]:
         if not isinstance(task_id, str) or not task_id.strip():
             raise ValueError(f"task_id={task_id!r}: must be a non-empty string")
-        http_request = self._api_request("GET", f"/tasks/{quote(task_id, safe='')}")
-        response = yield from self._exchange(http_request, submit=False)
-        return self._parse(response, Task.from_json)
+        call = Call("GET", f"{self._api_root}/tasks/{quote(task_id, safe='')}", self._headers)
+        response = yield from self._exchange(call, submit=False)
+        return self._parse(call, response, Task.from_json)
 
     def _balance_flow(self) -> Flow[int]:
-        response = yield from self._exchange(self._api_request("GET", "/balance"), submit=False)
-        return self._parse(response, lambda body: int(body["balance"]))
+        call = Call("GET", self._api_root + "/balance", self._headers)
+        response = yield from self._exchange(call, submit=False)
+        return self._parse(call, response, lambda body: int(body["balance"]))
 
-    def _download_flow(self, url: str) -> Flow[httpx.Response]:
+    def _download_flow(self, url: str) -> Flow[Any]:
         """Yield until the image's headers arrive; return the open, successful streaming response."""
         if urlsplit(url).scheme not in ("http", "https"):
             raise ImageRefusedError(f"refusing to download {redact_url(url)}: not an http(s) URL")
         # No Authorization header: the key belongs to the API, not to whatever host serves images.
-        request = httpx.Request("GET", url, headers={"User-Agent": self._headers["User-Agent"]})
+        call = Call("GET", url, {"User-Agent": self._headers["User-Agent"]})
         policy = self.settings.retry
         attempt = 0
         while True:
             attempt += 1
-            outcome = yield request
-            if isinstance(outcome, httpx.Response) and outcome.is_success:
+            outcome = yield call
+            if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.is_success:
                 return outcome
             if policy.retry_safe_call(attempt, outcome):  # type: ignore[arg-type]
                 yield policy.delay_for(attempt, _retry_after(outcome))
@@ -188,37 +191,31 @@ class _BaseClient:
 
     # -- shared steps --------------------------------------------------------------------------
 
-    def _api_request(
-        self, method: str, path: str, *, json: Any = None, headers: dict[str, str] | None = None
-    ) -> httpx.Request:
-        merged = {**self._headers, **(headers or {})}
-        return httpx.Request(method, self._api_root + path, json=json, headers=merged)
-
-    def _exchange(self, request: httpx.Request, *, submit: bool) -> Flow[httpx.Response]:
+    def _exchange(self, call: Call, *, submit: bool) -> Flow[Reply]:
         """Send with the retry policy; return a 2xx response or raise the mapped error."""
         policy = self.settings.retry
         decide = policy.retry_submit if submit else policy.retry_safe_call
         attempt = 0
         while True:
             attempt += 1
-            outcome = yield request
-            if isinstance(outcome, httpx.Response) and outcome.is_success:
+            outcome = yield call
+            if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.is_success:
                 return outcome
             if decide(attempt, outcome):  # type: ignore[arg-type]
                 yield policy.delay_for(attempt, _retry_after(outcome))
                 continue
-            raise _api_error(request, outcome, submit=submit)  # type: ignore[arg-type]
+            raise _api_error(call, outcome, submit=submit)  # type: ignore[arg-type]
 
     @staticmethod
-    def _parse(response: httpx.Response, read: Any) -> Any:
+    def _parse(call: Call, response: Reply, read: Any) -> Any:
         try:
             return read(response.json())
         except (ValueError, KeyError, TypeError) as exc:
             raise ServerError(
                 f"unreadable answer: {exc}",
                 status_code=response.status_code,
-                method=response.request.method,
-                path=_api_path(response.request.url),
+                method=call.method,
+                path=_api_path(call.url),
             ) from None
 
 
@@ -276,7 +273,7 @@ class ImagenClient(_BaseClient):
                 time.sleep(step)
             else:
                 try:
-                    outcome = self._http.send(step, stream=stream)
+                    outcome = self._http.send(to_httpx(step), stream=stream)
                 except httpx.TransportError as exc:
                     outcome = exc
                 else:
@@ -309,7 +306,7 @@ class AsyncImagenClient(_BaseClient):
         max_connections: int = 100,
     ) -> None:
         super().__init__(settings)
-        self._send: Callable[..., Awaitable[httpx.Response]]
+        self._send: AsyncSend
         self._close: Callable[[], Awaitable[None]]
         if transport is None:
             # Imported here: workers use the blocking client and need not load aiohttp (~0.2 s of CPU).
@@ -320,7 +317,11 @@ class AsyncImagenClient(_BaseClient):
         else:
             limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
             http = httpx.AsyncClient(timeout=settings.timeout, transport=transport, limits=limits)
-            self._send, self._close = http.send, http.aclose
+
+            async def send(call: Call, *, stream: bool = False) -> httpx.Response:
+                return await http.send(to_httpx(call), stream=stream)
+
+            self._send, self._close = send, http.aclose
 
     async def submit(self, request: ImageRequest, *, idempotency_key: str | None = None) -> Task:
         """POST one paid request; never retried once it may have created a task."""
@@ -360,7 +361,7 @@ class AsyncImagenClient(_BaseClient):
     async def _run(self, flow: Flow[T], *, stream: bool = False) -> T:
         step = next(flow)
         while True:
-            outcome: httpx.Response | httpx.TransportError | None = None
+            outcome: Any = None
             if isinstance(step, float):
                 await asyncio.sleep(step)
             else:
@@ -419,6 +420,11 @@ class _ImageReceiver:
         return DownloadedImage(self.content_type, self._size, self._hash.hexdigest(), width, height, content)
 
 
+def to_httpx(call: Call) -> httpx.Request:
+    """Return ``call`` as an ``httpx.Request`` (the blocking client, or an httpx transport)."""
+    return httpx.Request(call.method, call.url, headers=call.headers, content=call.content)
+
+
 def image_dimensions(head: bytes) -> tuple[int | None, int | None]:
     """Return (width, height) from the first bytes of an image; PNG directly, others through Pillow."""
     if head[:8] == _PNG_MAGIC and len(head) >= 24:
@@ -433,18 +439,18 @@ def image_dimensions(head: bytes) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _retry_after(outcome: httpx.Response | httpx.TransportError | None) -> float | None:
-    if isinstance(outcome, httpx.Response) and outcome.status_code == 429:
+def _retry_after(outcome: Reply | httpx.TransportError | None) -> float | None:
+    if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.status_code == 429:
         return parse_retry_after(outcome.headers.get("retry-after"))
     return None
 
 
-def _api_path(url: httpx.URL) -> str:
-    path = url.path
+def _api_path(url: str) -> str:
+    path = urlsplit(url).path
     return path[path.find(API_PREFIX) + len(API_PREFIX) :] if API_PREFIX in path else path
 
 
-def _envelope(response: httpx.Response) -> tuple[int | None, str, str | None]:
+def _envelope(response: Reply) -> tuple[int | None, str, str | None]:
     """Return (code, message, request_id) from an error body, tolerating bodies that are not envelopes."""
     try:
         error = response.json().get("error")
@@ -469,11 +475,9 @@ _STATUS_ERRORS: Final[dict[int, type[ImagenAPIError]]] = {
 }
 
 
-def _api_error(
-    request: httpx.Request, outcome: httpx.Response | httpx.TransportError, *, submit: bool
-) -> ImagenError:
+def _api_error(call: Call, outcome: Reply | httpx.TransportError, *, submit: bool) -> ImagenError:
     """Map the last outcome of an API call to our hierarchy, most specific first."""
-    method, path = request.method, _api_path(request.url)
+    method, path = call.method, _api_path(call.url)
     if isinstance(outcome, httpx.TransportError):
         kind = type(outcome).__name__
         if submit and not isinstance(outcome, NOT_SENT_ERRORS):
@@ -501,7 +505,7 @@ def _api_error(
     return _STATUS_ERRORS.get(status, ImagenAPIError)(message, **info)
 
 
-def _download_error(url: str, outcome: httpx.Response | httpx.TransportError) -> DownloadError:
+def _download_error(url: str, outcome: Reply | httpx.TransportError) -> DownloadError:
     where = redact_url(url)
     if isinstance(outcome, httpx.TransportError):
         return DownloadError(f"download of {where} failed: {type(outcome).__name__}")

@@ -21,6 +21,8 @@ from typing import Final
 
 import httpx
 
+from airflow_provider_imagen.api.wire import Reply
+
 #: HTTP statuses after which a safe call is worth repeating.
 RETRYABLE_STATUSES: Final[frozenset[int]] = frozenset({429, 500, 502, 503, 504})
 
@@ -65,7 +67,7 @@ class RetryPolicy:
             return min(max(retry_after, 0.0), self.max_retry_after)
         return self.backoff(attempt)
 
-    def retry_safe_call(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> bool:
+    def retry_safe_call(self, attempt: int, outcome: Reply | httpx.TransportError) -> bool:
         """Return whether a poll, balance read or download should be tried again."""
         if attempt >= self.max_attempts:
             return False
@@ -73,7 +75,7 @@ class RetryPolicy:
             return True
         return outcome.status_code in RETRYABLE_STATUSES
 
-    def retry_submit(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> bool:
+    def retry_submit(self, attempt: int, outcome: Reply | httpx.TransportError) -> bool:
         """Return whether a submit should be tried again: only when nothing can have been created."""
         if attempt >= self.max_attempts:
             return False
