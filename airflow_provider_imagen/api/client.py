@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final, TypeGuard, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -182,7 +182,7 @@ class _BaseClient:
         while True:
             attempt += 1
             outcome = yield call
-            if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.is_success:
+            if _is_reply(outcome) and outcome.is_success:
                 return outcome
             if policy.retry_safe_call(attempt, outcome):  # type: ignore[arg-type]
                 yield policy.delay_for(attempt, _retry_after(outcome))
@@ -199,7 +199,7 @@ class _BaseClient:
         while True:
             attempt += 1
             outcome = yield call
-            if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.is_success:
+            if _is_reply(outcome) and outcome.is_success:
                 return outcome
             if decide(attempt, outcome):  # type: ignore[arg-type]
                 yield policy.delay_for(attempt, _retry_after(outcome))
@@ -439,8 +439,13 @@ def image_dimensions(head: bytes) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _is_reply(outcome: Reply | httpx.TransportError | None) -> TypeGuard[Reply]:
+    """Return whether a flow was sent an answer (not a transport failure, not a wake-up from sleep)."""
+    return outcome is not None and not isinstance(outcome, httpx.TransportError)
+
+
 def _retry_after(outcome: Reply | httpx.TransportError | None) -> float | None:
-    if outcome is not None and not isinstance(outcome, httpx.TransportError) and outcome.status_code == 429:
+    if _is_reply(outcome) and outcome.status_code == 429:
         return parse_retry_after(outcome.headers.get("retry-after"))
     return None
 
