@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
@@ -40,6 +41,17 @@ USD_PER_CREDIT: Final = 0.001
 TaskStatus = Literal["processing", "completed", "failed"]
 #: Statuses that end a task. Everything else, including statuses the docs never mention, is "not yet".
 TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"completed", "failed"})
+
+
+def request_digest(prompt: str, size: str, variation: int = 0, model: str = MODEL) -> str:
+    r"""Return 32 hex digits of sha256 over exactly what one paid request asks for.
+
+    Two requests with the same digest would get the same kind of image, so a journal may re-attach one
+    to the other's task and an index may call one "already made" for the other. The fields are joined
+    with ``\x1f``, a control character prompts may not hold, so different tuples never hash alike.
+    """
+    text = "\x1f".join((model, prompt, size, str(int(variation))))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def estimate_credits(images: int) -> int:
@@ -75,6 +87,10 @@ class ImageRequest:
     def to_json(self) -> dict[str, Any]:
         """Return the request body of ``POST /images/generations``."""
         return {"model": self.model, "prompt": self.prompt, "size": self.size, "n": self.n}
+
+    def digest(self, variation: int = 0) -> str:
+        """Return the :func:`request_digest` of this request as its ``variation``-th copy."""
+        return request_digest(self.prompt, self.size, variation, self.model)
 
 
 def validate_prompt(prompt: object) -> None:

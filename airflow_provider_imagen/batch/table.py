@@ -141,6 +141,11 @@ class ImageSpec:
         """Return whether this spec may be submitted."""
         return self.invalid_reason is None
 
+    @property
+    def digest(self) -> str | None:
+        """Return the request's digest (what the journal checks before re-attaching); ``None`` if invalid."""
+        return self.request.digest(self.variation) if self.request is not None else None
+
 
 # -- reading ---------------------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, MODEL
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, MODEL, request_digest
 from airflow_provider_imagen.batch.storage import as_path, write_whole
 from airflow_provider_imagen.batch.table import (
     ID_COLUMN,
@@ -87,13 +86,12 @@ INDEX_COLUMNS: Final[tuple[str, ...]] = tuple(INDEX_SCHEMA.names)
 
 
 def content_key(prompt: str, size: str, variation: int = 0, model: str = MODEL) -> str:
-    r"""Return the content key of one image: 32 hex digits of sha256 over (model, prompt, size, variation).
+    """Return the content key of one image: the :func:`request_digest` the batch journal keeps too.
 
-    The fields are joined with a separator no prompt can contain (``\x1f`` is a control character, which
-    prompts may not hold), so two different tuples never hash the same text.
+    The plan of a run and the operator's re-attach decision must agree on "the same image", so both use
+    the one digest.
     """
-    text = "\x1f".join((model, prompt, size, str(int(variation))))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return request_digest(prompt, size, variation, model)
 
 
 @dataclass(frozen=True)
