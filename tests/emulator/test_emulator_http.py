@@ -295,6 +295,7 @@ def test_full_size_png(api: Api) -> None:
     ],
 )
 def test_scaled_png_sizes(api: Api, size: str, pixels: tuple[int, int]) -> None:
+    api.server.configure(image_scale=0.25)
     url = api.wait(api.submit_ok(f"ratio {size}", size=size))["output"]["image_urls"][0]
     assert png_size(httpx.get(url).content) == pixels
 
@@ -329,7 +330,7 @@ def test_chinese_prompt_round_trips(api: Api) -> None:
     prompt = "一只在雪地里的红狐狸，水墨画风格"
     task_id = api.submit_ok(prompt, size="3:4")
     url = api.wait(task_id)["output"]["image_urls"][0]
-    assert png_size(httpx.get(url).content) == (224, 320)
+    assert png_size(httpx.get(url).content) == (896, 1280)
     assert api.server.tasks()[0]["prompt"] == prompt
     assert api.server.ledger()["submissions_by_prompt"] == {prompt: 1}
 
