@@ -181,10 +181,7 @@ class ImagenGenerateOperator(BaseOperator):
     ) -> str:
         if entry is not None and entry.unknown_submit and not self.resubmit_unknown:
             why = entry.ambiguous_reason or "the worker stopped mid-submit"
-            raise AmbiguousSubmitError(
-                f"an earlier try sent this request but never learned its task id ({why}); it may have "
-                "been paid. Not sending it again: set resubmit_unknown=True to pay for a new one"
-            )
+            raise AmbiguousSubmitError(why, earlier_try=True)
         if entry is not None and entry.task_id and not entry.unknown_submit:
             self.log.info(
                 "Re-attaching to task %s submitted by an earlier try; no new charge.", entry.task_id
