@@ -209,6 +209,12 @@ def load_prompt_table(
         table = _from_records(source)
         where = "the list of records"
     elif isinstance(source, (ObjectStoragePath, str, os.PathLike)):
+        if isinstance(source, str) and not source.strip():
+            # ObjectStoragePath("") is "." : the working directory would be read, and any Parquet in it
+            # (an earlier run's manifest has prompt_id and prompt columns) paid for.
+            raise PromptTableError(
+                f"prompts={source!r}: the path of the prompt table is empty; give a Parquet file or folder"
+            )
         path = as_path(os.fspath(source) if not isinstance(source, (ObjectStoragePath, str)) else source)
         table = _read_parquet(path)
         where = str(path)
