@@ -625,3 +625,18 @@ def raise_if_invalid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) 
             + summarize_invalid(invalid, limit=limit),
             invalid,
         )
+
+
+def raise_if_none_valid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) -> None:
+    """Raise :class:`InvalidRowsError` if no spec is valid.
+
+    A run that can make none of the images asked for is a failure, not a success with an empty result.
+    """
+    specs = list(specs)
+    if specs and not any(spec.valid for spec in specs):
+        raise InvalidRowsError(
+            f"none of the {len(specs)} requested image(s) is valid; nothing was submitted and nothing was "
+            "charged. Fix the rows, or set fail_when_all_invalid=False to record them in a manifest and "
+            "succeed.\n" + summarize_invalid(specs, limit=limit),
+            specs,
+        )
