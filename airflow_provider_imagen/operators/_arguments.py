@@ -347,8 +347,10 @@ def without_records(operator: Any, template_fields: Sequence[str]) -> list[str]:
     ``"{{ name }}"`` or ``"{# note #}"`` in a prompt must reach the API as written, and rendering them
     would change (or fail on) the text that is paid for.
     """
+    from airflow.sdk import ObjectStoragePath
+
     prompts = getattr(operator, "prompts", None)
-    if isinstance(prompts, (str, os.PathLike)):
+    if isinstance(prompts, (str, os.PathLike, ObjectStoragePath)):  # its path part is rendered
         return list(template_fields)
     return [name for name in template_fields if name != "prompts"]
 
