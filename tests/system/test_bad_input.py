@@ -398,6 +398,46 @@ def test_on_invalid_fail_on_the_stack_fails_once_without_retry_or_post(stack: St
     assert not (workdir / "out").exists()
 
 
+def test_an_empty_prompts_template_fails_once_without_post_on_the_stack(stack: Stack, workdir: Path) -> None:
+    """The DAG's ``prompts="{{ params.prompts }}"`` with no table in the conf renders to ``""``: the task
+    fails when its templates are rendered, without the retry the DAG allows, before any read or POST."""
+    run_id = stack.trigger(
+        "imagen_sys_strict", prompts="", output_path=str(workdir / "out"), journal_path=str(workdir / "j")
+    )
+    state = stack.wait_run("imagen_sys_strict", run_id, timeout=120)
+    ti = stack.ti("imagen_sys_strict", run_id)
+    logs = stack.task_logs("imagen_sys_strict", run_id)
+    assert state == "failed" and ti["try_number"] == 1
+    assert "prompts='': must not be empty" in logs and "(rendered from '{{ params.prompts }}')" in logs
+    assert stack.emulator.ledger()["requests"] == 0
+    assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written, not even a probe's folder
+
+
+def test_prompt_records_that_look_like_jinja_are_paid_verbatim_on_the_stack(
+    stack: Stack, workdir: Path
+) -> None:
+    """Records are data: the real task runner renders ``output_path`` and ``max_credits`` but sends the
+    prompts exactly as written (``{{ name }}`` would fail on Airflow's strict undefined if rendered)."""
+    from tests.system.dags.imagen_bad_input import VERBATIM_PROMPTS
+    from tests.system.stack import wait_until
+
+    dag_id = "imagen_sys_verbatim"
+    wait_until(
+        lambda: stack.sql("SELECT dag_id FROM serialized_dag WHERE dag_id = ?", dag_id),
+        90,
+        f"{dag_id} to be parsed",
+        interval=1.0,
+    )
+    run_id = stack.trigger(dag_id, output_path=str(workdir / "out"), journal_path=str(workdir / "j"))
+    state = stack.wait_run(dag_id, run_id, timeout=120)
+    ledger = stack.emulator.ledger()
+    assert state == "success", stack.task_logs(dag_id, run_id)[-3000:]
+    assert ledger["submissions_by_prompt"] == {r["prompt"]: 1 for r in VERBATIM_PROMPTS}
+    manifest = local_manifest(workdir / "out")
+    assert sorted(manifest["prompt"]) == sorted(r["prompt"] for r in VERBATIM_PROMPTS)
+    assert int(manifest["credits"].sum()) == ledger["net_credits"] == 2 * CREDITS_PER_IMAGE
+
+
 def test_every_bad_row_recorded_next_to_good_ones_on_the_stack(stack: Stack, workdir: Path) -> None:
     """One table with every kind of bad row, two good rows and a moderated one: only the three valid
     rows are sent, the bad ones are ``invalid`` with their reasons, and the run succeeds."""
