@@ -17,6 +17,7 @@ Errors are split by *when* they happen, because that decides what a retry costs:
     ├── TaskFailedError                    the task ended ``failed`` (refunded by the API)
     │   └── ContentModeratedError            failed with code 80006 (refunded by the API)
     ├── TaskTimeoutError                   our deadline passed while the task was still processing
+    ├── LocationNotWritableError           the output or journal location cannot be written (before paying)
     └── DownloadError                      the finished image could not be fetched
         ├── ImageExpiredError                the signed URL is past its 24 h life
         └── ImageRefusedError                the answer is not an acceptable image (type, size)
@@ -176,6 +177,10 @@ class TaskTimeoutError(ImagenError):
             f"deadline (epoch {deadline:.0f}) passed with {len(task_ids)} task(s) still processing: {shown}. "
             "They were paid at submit and may still complete; a retry of this task re-attaches to them."
         )
+
+
+class LocationNotWritableError(ImagenError):
+    """A location the run must write to (output, journal) cannot be written; found before any POST."""
 
 
 class DownloadError(ImagenError):

@@ -20,16 +20,12 @@ from typing import Final
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_imagen.api.errors import ImagenError, InsufficientCreditsError
+from airflow_provider_imagen.api.errors import InsufficientCreditsError, LocationNotWritableError
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.storage import local_file
 
 #: Name prefix of probe objects; starts with ``.`` so table readers and listings skip a leftover one.
 PROBE_PREFIX: Final = ".imagen-write-probe-"
-
-
-class LocationNotWritableError(ImagenError):
-    """A location the run must write to cannot be written; found before anything was paid."""
 
 
 def probe_writable(path: ObjectStoragePath, parameter: str) -> None:
