@@ -92,6 +92,54 @@ def test_validation_errors_create_nothing(api: Api, body: bytes, code: int) -> N
     assert api.balance() == 1_000_000
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "fragment"),
+    [
+        (
+            b'{"model": "imagen-4-0", "prompt": "a cat"}',
+            "text/plain",
+            "Content-Type must be application/json",
+        ),
+        (b'{"model": "imagen-4-0", "prompt": "a cat"}', "text/plain; charset=utf-8", "Content-Type must be"),
+        (b"model=imagen-4-0&prompt=a+cat", "application/x-www-form-urlencoded", "Content-Type must be"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "nested too deeply"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "application/json", "nested too deeply"),
+    ],
+    ids=["text/plain", "text/plain charset", "form", "deep array", "deep object"],
+)
+def test_a_body_the_api_would_refuse_is_a_400_envelope_never_charged(
+    api: Api, body: bytes, content_type: str, fragment: str
+) -> None:
+    """A JSON text sent as ``text/plain`` is not a JSON request, and nesting that exhausts the parser is a
+    bad body: both are the client's mistake (400 and the error envelope), never a task, never a 500."""
+    response = api.http.post("/images/generations", content=body, headers={"Content-Type": content_type})
+    error = assert_error(response, 400, 20001)
+    assert fragment in str(error["message"])
+    ledger = api.server.ledger()
+    assert (ledger["posts"], ledger["tasks_created"], ledger["credits_charged"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json; charset=utf-8", "application/vnd.api+json"]
+)
+def test_json_bodies_with_any_json_media_type_or_none_are_accepted(
+    api: Api, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = api.http.build_request(
+        "POST", "/images/generations", content=b'{"model": "imagen-4-0", "prompt": "a cat"}', headers=headers
+    )
+    assert request.headers.get("Content-Type") == content_type  # httpx adds none for raw content
+    response = api.http.send(request)
+    assert response.status_code == 200, response.text
+    assert api.server.ledger()["tasks_created"] == 1
+
+
+def test_a_deeply_nested_control_body_is_a_400(api: Api) -> None:
+    control = api.server.base_url + "/_emulator/config"
+    assert_error(httpx.post(control, content=b"[" * 100_000), 400, 20001)
+
+
 def test_submit_answer_and_defaults(api: Api) -> None:
     before = time.time()
     response = api.submit("a lighthouse", n=1)
