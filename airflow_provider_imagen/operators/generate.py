@@ -183,21 +183,18 @@ class ImagenGenerateOperator(BaseOperator):
         # image is mirrored, so Airflow does not log a failed XCom lookup.
         context["ti"].xcom_push(key=IMAGE_URI_XCOM_KEY, value=None)
         journal = self._journal(context)
-        # Claim before reading: an older try still alive stops before its next POST (see batch.fence).
+        entry = self._current(journal, request)
+        client = self._client()
+        if entry is None or entry.mirrored is None:
+            # The free checks first: a wrong key or an unwritable folder leaves nothing behind.
+            self._preflight(client, entry)
+        # Claim, then read again: an older try still alive stops before its next POST, and whatever it
+        # journalled before that is in this read (see batch.fence).
         journal.claim(_try_owner(context), try_number=getattr(context["ti"], "try_number", None))
-        entry = journal.load().get(IMAGE_KEY)
-        digest = request.digest()
-        if entry is not None and not entry.matches(digest):
-            self.log.info(
-                "The request changed since an earlier try paid for task %s; sending the new one.",
-                entry.task_id or "(unknown)",
-            )
-            entry = None
-        elif entry is not None and entry.mirrored is not None:
+        entry = self._current(journal, request)
+        if entry is not None and entry.mirrored is not None:
             self.log.info("Image already made and mirrored by an earlier try; nothing to pay.")
             return self._result(context, entry)
-        client = self._client()
-        self._preflight(client, entry)
         task_id = self._submit_once(client, journal, request, entry)
         task = client.get_task(task_id)
         if task.is_terminal:
@@ -228,6 +225,17 @@ class ImagenGenerateOperator(BaseOperator):
         return self._complete(context, self._client(), self._journal(context), outcome, deadline)
 
     # -- steps -------------------------------------------------------------------------------------
+
+    def _current(self, journal: Journal, request: ImageRequest) -> JournalEntry | None:
+        """Return the journal's entry for this request, or ``None`` when it holds none or another one."""
+        entry = journal.load().get(IMAGE_KEY)
+        if entry is not None and not entry.matches(request.digest()):
+            self.log.info(
+                "The request changed since an earlier try paid for task %s; sending the new one.",
+                entry.task_id or "(unknown)",
+            )
+            return None
+        return entry
 
     def _submit_once(
         self, client: ImagenClient, journal: Journal, request: ImageRequest, entry: JournalEntry | None

@@ -922,11 +922,6 @@ def test_an_ambiguous_submit_is_reported_once_on_retry_not_wrapped_twice(
     assert ledger["posts"] == ledger["tasks_created"] == 1  # the retry sent nothing
 
 
-# For the lead (file naming of the single-image operator's folder output, not changed here): two DAGs with
-# the same task id writing to one folder on the same scheduled run id must not overwrite each other.
-@pytest.mark.xfail(
-    strict=True, reason="folder-output file names lack the DAG id: the second image overwrites"
-)
 def test_two_dags_with_one_task_id_and_folder_on_a_scheduled_run_keep_both_images(
     emulator: Any, imagen_connection: str, tmp_path: Path
 ) -> None:
