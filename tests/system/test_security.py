@@ -64,7 +64,7 @@ def test_trigger_kwargs_xcom_and_events_carry_no_key_url_or_prompt(stack: Stack,
     assert stack.api_key not in stored
     assert "http://" not in stored.replace(f"{workdir}", "") and "sig=" not in stored
     assert not any(p in stored for p in prompts)
-    assert set(xcom) == {"manifest_uri", "counts", "credits"}
+    assert set(xcom) == {"manifest_uri", "counts", "credits", "this_try"}
 
 
 def test_no_key_and_no_signed_url_in_any_log_db_manifest_journal_or_object(
