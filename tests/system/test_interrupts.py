@@ -9,6 +9,7 @@ prints its figures (``-s``) for ``docs/reliability.md``. Run them alone with ``-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.emulator.images import render_png
 from tests.system.checks import all_local_manifests, audit, local_manifest, sha256_of, write_table
-from tests.system.stack import BIN, Stack, wait_until
+from tests.system.stack import BASE_EMULATOR, BIN, Stack, wait_until
 from tests.system.test_faults import ledger_figures, report
 
 pytestmark = [pytest.mark.system, pytest.mark.interrupts]
@@ -56,6 +57,22 @@ def ours(tasks: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
 
 def tries(stack: Stack, dag_id: str, run_id: str) -> int:
     return int(stack.ti(dag_id, run_id)["try_number"])
+
+
+def clear(stack: Stack, dag_id: str, run_id: str) -> None:
+    """Clear the run's ``generate`` task as a user does in the UI (the REST API behind it)."""
+    reply = httpx.post(
+        f"{stack.api_url}/api/v2/dags/{dag_id}/clearTaskInstances",
+        json={
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "task_ids": ["generate"],
+            "only_failed": False,
+            "reset_dag_runs": True,
+        },
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
 
 
 def stop_tree(procs: list[psutil.Process], sig: signal.Signals) -> None:
@@ -99,7 +116,7 @@ def test_execution_timeout_while_a_post_waits_then_the_retry(stack: Stack, workd
         try_number=tries(stack, "imagen_sys_int_timeout_single", single_run),
         tasks_created=len(single_tasks),
         unknown_submit=entry.unknown_submit,
-        journal_charged=entry.charged,
+        journal_charged_submits=entry.charged_submits,
     )
     batch_manifest = local_manifest(workdir / "out")
     figures = audit([batch_manifest], ledger, tasks, "tmob ")
@@ -115,7 +132,7 @@ def test_execution_timeout_while_a_post_waits_then_the_retry(stack: Stack, workd
 
     assert "AirflowTaskTimeout" in single_logs or "Timeout" in single_logs, single_logs[-2000:]
     assert len(single_tasks) == 1, single_tasks  # the retry did not pay again
-    assert entry.unknown_submit and entry.charged * CREDITS_PER_IMAGE >= CREDITS_PER_IMAGE
+    assert entry.unknown_submit and entry.charged_submits >= 1
     # It may have been paid and its id is unknown: the retry refuses to pay blind, and says why.
     assert single_state == "failed" and "resubmit_unknown" in single_logs
     assert batch_state == "success", stack.task_logs("imagen_sys_int_timeout_batch", batch_run)[-3000:]
@@ -141,12 +158,7 @@ def test_running_batch_cleared_through_the_rest_api_while_submitting(stack: Stac
     wait_until(lambda: stack.emulator.ledger()["tasks_created"] >= 6, 60, "6 tasks created")
     proc = stack.task_process(ti["id"])
     assert proc is not None
-    reply = httpx.post(
-        f"{stack.api_url}/api/v2/dags/{dag}/clearTaskInstances",
-        json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["generate"], "only_failed": False},
-        timeout=60,
-    )
-    assert reply.status_code == 200, reply.text
+    clear(stack, dag, run_id)
     at_clear = stack.emulator.ledger()
     cleared_at = time.monotonic()
     psutil.wait_procs([proc], timeout=60)
@@ -242,24 +254,30 @@ def test_zombie_try_resumed_beside_its_retry_pays_for_nothing_twice(stack: Stack
 # -- 4. the prompt edited between a failed try and its retry -------------------------------------------
 
 
-def test_prompt_edited_between_a_failed_try_and_its_retry(stack: Stack, workdir: Path) -> None:
-    """Row 0's image cannot be mirrored (its URL serves HTML), so the first try fails after paying for
-    it. Before the retry, the table is edited: row 0 gets a new prompt. The retry must generate the new
-    prompt (a new, paid request) and never file the old prompt's image under it."""
+def test_prompt_edited_between_a_failed_try_and_the_next(stack: Stack, workdir: Path) -> None:
+    """Row 2 is moderated, which fails the task (``fail_on_moderation_rate=0``) after rows 0 and 1 were
+    paid for and mirrored. The table is edited (rows 0 and 2 get new prompts) and the task cleared, as a
+    user fixing a run does. The new try must generate the new prompts (new, paid requests), never file
+    the old images under them, keep row 1 as it was (nothing paid again), and still bill the image that
+    row 0's old prompt cost."""
     stack.emulator.reset()
     dag = "imagen_sys_int_edited"
-    rows = rows_for("edit", 3, {0: "[[html]]"})
+    rows = rows_for("edit", 3, {2: "[[moderate]]"})
     conf = conf_for(workdir, rows)
     run_id = stack.trigger(dag, **conf)
-    stack.wait_ti(dag, run_id, {"up_for_retry"}, timeout=120)
-    old_prompt = rows[0]["prompt"]
+    first_state = stack.wait_run(dag, run_id, timeout=120)
+    first = local_manifest(workdir / "out")
+    old = {r.prompt_id: r for r in first.itertuples()}
+    edited = dict(rows[0]), dict(rows[2])
     rows[0]["prompt"] = "edit item 0: a glass jug on slate, edited"
+    rows[2]["prompt"] = "edit item 2: a tin cup on felt, edited"
     write_table(Path(conf["prompts"]), rows)
+    clear(stack, dag, run_id)
     state = stack.wait_run(dag, run_id, timeout=150)
     ledger, tasks = stack.emulator.ledger(), stack.emulator.tasks()
     manifest = local_manifest(workdir / "out")
-    figures = audit([manifest], ledger, tasks, "edit ")
-    row = manifest[manifest["prompt_id"] == "edit-000"].iloc[0]
+    figures = audit([manifest], ledger, tasks, "edit ", replaced={e["prompt"] for e in edited})
+    by_id = {r.prompt_id: r for r in manifest.itertuples()}
     by_prompt = {t["prompt"]: t for t in ours(tasks, "edit ")}
     report(
         "prompt_edited_between_tries",
@@ -267,20 +285,25 @@ def test_prompt_edited_between_a_failed_try_and_its_retry(stack: Stack, workdir:
         ledger_figures(ledger),
         state=state,
         try_number=tries(stack, dag, run_id),
-        row0_status=row["status"],
-        row0_message=row["error_message"],
+        first_try=first["status"].value_counts().to_dict(),
+        row0=[by_id["edit-000"].status, by_id["edit-000"].credits, by_id["edit-000"].error_message],
     )
 
+    assert first_state == "failed"
+    assert [old[f"edit-00{i}"].status for i in range(3)] == ["completed", "completed", "moderated"]
     assert state == "success", stack.task_logs(dag, run_id)[-3000:]
-    assert old_prompt in by_prompt and rows[0]["prompt"] in by_prompt  # both paid, once each
-    new_task = by_prompt[rows[0]["prompt"]]
-    assert row["prompt"] == rows[0]["prompt"] and row["status"] == "completed"
-    assert row["task_id"] == new_task["id"]
-    # The file is the new prompt's render, byte for byte (the emulator's PNGs are deterministic).
-    expected = render_png(new_task["prompt"], new_task["size"], 0.1, new_task["id"])
-    import hashlib
-
-    assert sha256_of(row["image_uri"]) == hashlib.sha256(expected).hexdigest()
+    assert len(ours(tasks, "edit ")) == 5  # 3 in the first try, the 2 edited rows once more
+    for i in (0, 2):
+        row, new_task = by_id[f"edit-00{i}"], by_prompt[rows[i]["prompt"]]
+        assert row.prompt == rows[i]["prompt"] and row.status == "completed", row
+        assert row.task_id == new_task["id"] != old[f"edit-00{i}"].task_id
+        # The file is the new prompt's render, byte for byte (the emulator's PNGs are deterministic).
+        scale = BASE_EMULATOR["image_scale"]
+        expected = render_png(new_task["prompt"], new_task["size"], scale, new_task["id"])
+        assert sha256_of(row.image_uri) == row.sha256 == hashlib.sha256(expected).hexdigest()
+    assert by_id["edit-001"].task_id == old["edit-001"].task_id  # unchanged: re-attached, not re-bought
+    # The old prompt's image of row 0 was paid for: the bill still says so.
+    assert figures["manifest_credits"] == ledger["net_credits"] == 4 * CREDITS_PER_IMAGE
 
 
 # -- 5. resubmit_unknown after a crash, within a budget -------------------------------------------------

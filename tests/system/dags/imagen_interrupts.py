@@ -53,14 +53,14 @@ BATCH_SCENARIOS: dict[str, dict[str, Any]] = {
         "resubmit_unknown": True,
         "max_credits": BUDGET_ROWS * CREDITS_PER_IMAGE,
     },
-    # A try that fails after paying (an image that cannot be mirrored), with time to edit the table
-    # before the retry.
+    # A task that fails after paying (any moderated row fails it, once the manifest is written); the
+    # test then edits the table and clears the task.
     "edited": {
         "deferrable": True,
         "linger": 0.0,
         "max_submit_rate": None,
-        "retries": 2,
-        "retry_delay": timedelta(seconds=4),
+        "fail_on_moderation_rate": 0.0,
+        "retries": 0,
     },
     # Plain runs, several into one output folder; also run with ``airflow dags test`` (paused, so that
     # the scheduler never runs the task instances of those runs as well).
