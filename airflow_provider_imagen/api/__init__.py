@@ -33,6 +33,7 @@ from airflow_provider_imagen.api.errors import (
     TaskFailedError,
     TaskNotFoundError,
     TaskTimeoutError,
+    WrongImageSizeError,
 )
 from airflow_provider_imagen.api.models import (
     CREDITS_PER_IMAGE,
@@ -78,6 +79,7 @@ __all__ = [
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskTimeoutError",
+    "WrongImageSizeError",
     "normalize_base_url",
     "redact_url",
 ]

@@ -17,6 +17,7 @@ Errors are split by *when* they happen, because that decides what a retry costs:
     ├── TaskFailedError                    the task ended ``failed`` (refunded by the API)
     │   └── ContentModeratedError            failed with code 80006 (refunded by the API)
     ├── TaskTimeoutError                   our deadline passed while the task was still processing
+    ├── WrongImageSizeError                kept, but not the pixel size Imagen 4 makes for the ratio
     └── DownloadError                      the finished image could not be fetched
         ├── ImageExpiredError                the signed URL is past its 24 h life
         └── ImageRefusedError                the answer is not an acceptable image (type, size)
@@ -152,6 +153,14 @@ class TaskTimeoutError(ImagenError):
             f"deadline (epoch {deadline:.0f}) passed with {len(task_ids)} task(s) still processing: {shown}. "
             "They were paid at submit and may still complete; a retry of this task re-attaches to them."
         )
+
+
+class WrongImageSizeError(ImagenError):
+    """The image arrived and was kept, but its pixel size is not Imagen 4's for the requested ratio.
+
+    Paid. A retry re-attaches to the same task and gets the same image: it pays nothing and changes
+    nothing.
+    """
 
 
 class DownloadError(ImagenError):
