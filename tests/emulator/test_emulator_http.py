@@ -526,6 +526,7 @@ def test_answer_delays_reject_negative_values(api: Api) -> None:
     ],
 )
 def test_wrong_size_marker_serves_another_aspect_ratio(api: Api, size: str, pixels: tuple[int, int]) -> None:
+    api.server.configure(image_scale=0.25)
     task_id = api.submit_ok(f"a misframed shot [[wrong_size]] {size}", size=size)
     done = api.wait(task_id)
     # The API itself reports nothing wrong: only the pixels tell.

@@ -148,26 +148,21 @@ NOT_FILED = ("unknown_submit", "expired", "download_failed", "wrong_size", "time
 
 
 def audit(
-    manifests: Sequence[pd.DataFrame],
-    ledger: dict[str, Any],
-    tasks: list[dict[str, Any]],
-    tag: str,
-    *,
-    replaced: Iterable[str] = (),
+    manifests: Sequence[pd.DataFrame], ledger: dict[str, Any], tasks: list[dict[str, Any]], tag: str
 ) -> dict[str, Any]:
     """The money rules of a run (or of several runs of one table) that Airflow interrupted.
 
     ``manifests``: every manifest the runs wrote. Asserted, for the emulator tasks whose prompt starts
     with ``tag``:
-    - a task is named by exactly one manifest row (its ``task_id``), or its prompt has an
-      ``unknown_submit`` row: no prompt is charged twice unless a row says its submit is unknown (the
-      prompts in ``replaced`` were edited out of the table between tries: their tasks are in no row,
-      and only the credits below account for them);
-    - a row names a task of its own prompt and size, and a moderated or failed task's row keeps the
-      API's code and message;
-    - a charged, completed render is ``completed`` with its file present and matching the row's sha256,
-      or the row says why not (a status of :data:`NOT_FILED` and an ``error_message``); an image of the
-      wrong pixel size is never ``completed``;
+    - no task is named by two rows; a row names a task of its own prompt and size;
+    - a task no row names is accounted for: its prompt has an ``unknown_submit`` row, or its prompt's
+      rows bill every charged task of that prompt (a resubmit, a raced stale try), or a row's
+      ``error_message`` names it (an image of a prompt the user has since edited). So no prompt is
+      charged twice unless a row says so;
+    - a moderated or failed task's row keeps the API's code and message and costs nothing;
+    - a charged, completed render is ``completed``, or its row says why not (a status of
+      :data:`NOT_FILED` and an ``error_message``); an image of the wrong pixel size is never
+      ``completed``; every file a row names exists with the row's sha256 (nothing overwrote it);
     - the manifests' credits are at least the ledger's net charge, and equal to it when no row is
       ``unknown_submit``.
     """
@@ -182,44 +177,38 @@ def audit(
     assert not twice, f"tasks named by more than one manifest row: {twice}"
     rows_by_task = {r.task_id: r for r in rows.itertuples() if isinstance(r.task_id, str)}
     unknown = rows[rows["status"] == "unknown_submit"]
-    unknown_prompts = Counter(unknown["prompt"])
-    unnamed: Counter[str] = Counter()
+    messages = " ".join(m for m in rows["error_message"] if isinstance(m, str))
+    billed = rows.groupby("prompt")["credits"].sum().to_dict()
+    charged = Counter(t["prompt"] for t in ours if not t["refunded"])
+    unnamed: list[dict[str, Any]] = []
     mirrored = 0
     for task in ours:
         row = rows_by_task.get(task["id"])
         if row is None:
-            unnamed[task["prompt"]] += 1
+            unnamed.append(task)
+            prompt = task["prompt"]
+            assert (
+                prompt in set(unknown["prompt"])
+                or billed.get(prompt, 0) >= CREDITS_PER_IMAGE * charged[prompt]
+                or task["id"] in messages
+            ), f"a paid task is in no manifest row, and no row bills it or names it: {task}"
             continue
         assert row.prompt == task["prompt"] and row.size == task["size"], (row, task)
         outcome = task["outcome"]
         if outcome in ("moderated", "failed"):
-            assert row.status == outcome, (row, task)
-            code, message = (
-                (80006, "Request violates content policy")
-                if outcome == "moderated"
-                else (
-                    60001,
-                    "Generation failed",
-                )
-            )
-            assert row.error_code == code and row.error_message == message, (row, task)
-            assert row.credits == 0, (row, task)
+            code, message = {
+                "moderated": (80006, "Request violates content policy"),
+                "failed": (60001, "Generation failed"),
+            }[outcome]
+            assert (row.status, row.error_code, row.error_message) == (outcome, code, message), (row, task)
             continue
         if row.status == "completed":
             assert not task.get("wrong_size"), f"an image of the wrong pixel size was filed: {row}"
-            assert sha256_of(row.image_uri) == row.sha256, f"{row.image_uri} is gone or not {row.sha256}"
             mirrored += 1
         else:
-            assert row.status in NOT_FILED and row.error_message, (row, task)
-    replaced = set(replaced)
-    for prompt, n in unnamed.items():
-        assert prompt in replaced or n <= unknown_prompts[prompt], (
-            f"{n} paid task(s) of {prompt!r} are in no manifest row, and {unknown_prompts[prompt]} row(s) "
-            "of that prompt say unknown_submit"
-        )
-    # Every row that names a file names the file it wrote (another run or try never replaced it).
+            assert row.status in NOT_FILED and isinstance(row.error_message, str), (row, task)
     for row in rows.itertuples():
-        if isinstance(row.image_uri, str) and row.status == "completed":
+        if isinstance(row.image_uri, str):
             assert sha256_of(row.image_uri) == row.sha256, f"{row.image_uri} is gone or not {row.sha256}"
     credits = int(rows["credits"].sum())
     assert credits >= net, (credits, net)
@@ -231,7 +220,7 @@ def audit(
         "tasks_created": len(ours),
         "prompts_charged_twice": sum(1 for n in by_prompt.values() if n > 1),
         "unknown_submit": len(unknown),
-        "unnamed_tasks": sum(unnamed.values()),
+        "unnamed_tasks": len(unnamed),
         "mirrored": mirrored,
         "manifest_credits": credits,
         "ledger_net_credits": net,
