@@ -137,9 +137,11 @@ def test_execution_timeout_while_a_post_waits_then_the_retry(stack: Stack, workd
     assert single_state == "failed" and "resubmit_unknown" in single_logs
     assert batch_state == "success", stack.task_logs("imagen_sys_int_timeout_batch", batch_run)[-3000:]
     assert tries(stack, "imagen_sys_int_timeout_batch", batch_run) >= 2
-    assert counts == {"completed": 3, "unknown_submit": 1}, counts
-    (late,) = batch_manifest[batch_manifest["status"] == "unknown_submit"].itertuples()
-    assert late.prompt_id == "tmob-002"
+    # The late POST ran in a submitter thread: the interrupted try either journalled its answer before
+    # it exited (then the retry re-attached) or left it unknown; never "not sent", so never paid twice.
+    assert counts.get("completed", 0) >= 3 and set(counts) <= {"completed", "unknown_submit"}, counts
+    late = batch_manifest[batch_manifest["prompt_id"] == "tmob-002"].iloc[0]
+    assert late["status"] in ("completed", "unknown_submit")
     assert len(ours(tasks, "tmob ")) == 4 and figures["manifest_credits"] == 4 * CREDITS_PER_IMAGE
 
 
@@ -161,6 +163,12 @@ def test_running_batch_cleared_through_the_rest_api_while_submitting(stack: Stac
     clear(stack, dag, run_id)
     at_clear = stack.emulator.ledger()
     cleared_at = time.monotonic()
+    # Airflow learns of the clear at the try's next heartbeat, then SIGTERMs it (SIGKILL 10 s later).
+    wait_until(
+        lambda: "Terminating process" in stack.task_logs(dag, run_id), 60, "Airflow to SIGTERM the try"
+    )
+    at_sigterm = stack.emulator.ledger()
+    sigterm_s = round(time.monotonic() - cleared_at, 1)
     psutil.wait_procs([proc], timeout=60)
     stopped_s = round(time.monotonic() - cleared_at, 1)
     at_stop = stack.emulator.ledger()
@@ -177,7 +185,9 @@ def test_running_batch_cleared_through_the_rest_api_while_submitting(stack: Stac
         state=state,
         try_number=tries(stack, dag, run_id),
         posts_at_clear=at_clear["posts"],
+        posts_at_sigterm=at_sigterm["posts"],
         posts_when_the_try_ended=at_stop["posts"],
+        sigterm_after_s=sigterm_s,
         try_ended_after_s=stopped_s,
         counts=counts,
     )
@@ -186,6 +196,8 @@ def test_running_batch_cleared_through_the_rest_api_while_submitting(stack: Stac
     assert 0 < at_clear["posts"] < n and tries(stack, dag, run_id) >= 2
     assert counts.get("completed", 0) + counts.get("unknown_submit", 0) == n, counts
     assert len(ours(tasks, "clear ")) <= n
+    # SIGTERM stops the submit loop: at most the POSTs already on the wire (one per submitter) follow it.
+    assert at_stop["posts"] - at_sigterm["posts"] <= 4, (at_sigterm["posts"], at_stop["posts"])
 
 
 # -- 3. a zombie try beside its retry -----------------------------------------------------------------
@@ -241,7 +253,7 @@ def test_zombie_try_resumed_beside_its_retry_pays_for_nothing_twice(stack: Stack
         retry_started_after_s=retry_after_s,
         posts_at_resume=posts_at_resume,
         posts_3s_after_resume=posts_3s_after_resume,
-        fenced_in_logs="fenced" in zombie_logs,
+        stale_try_fenced="FencedError" in zombie_logs,
         counts=counts,
     )
 
@@ -249,6 +261,7 @@ def test_zombie_try_resumed_beside_its_retry_pays_for_nothing_twice(stack: Stack
     assert counts.get("completed", 0) + counts.get("unknown_submit", 0) == n, counts
     # The stale try found out before its next POST: at most the one it had on the wire, and it is flagged.
     assert figures["unnamed_tasks"] <= 1 and len(ours(tasks, "zombie ")) <= n + 1
+    assert "FencedError" in zombie_logs
 
 
 # -- 4. the prompt edited between a failed try and its retry -------------------------------------------
