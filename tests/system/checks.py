@@ -218,7 +218,7 @@ def audit(
     return {
         "rows": len(rows),
         "tasks_created": len(ours),
-        "prompts_charged_twice": sum(1 for n in by_prompt.values() if n > 1),
+        "prompts_paid_more_than_once": sum(1 for n in by_prompt.values() if n > 1),
         "unknown_submit": len(unknown),
         "unnamed_tasks": len(unnamed),
         "mirrored": mirrored,
