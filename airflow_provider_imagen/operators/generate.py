@@ -35,9 +35,11 @@ from airflow_provider_imagen.api.models import (
 )
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.batch.submit import submit_chunk
 from airflow_provider_imagen.hooks.imagen import ImagenHook
+from airflow_provider_imagen.operators._arguments import check_generate_arguments, check_generate_rendered
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
@@ -133,6 +135,8 @@ class ImagenGenerateOperator(BaseOperator):
         check_pixel_size: bool = True,
         **kwargs: Any,
     ) -> None:
+        # Types and ranges, at DAG parse time: templated arguments are checked again once rendered.
+        check_generate_arguments(locals())
         super().__init__(**kwargs)
         self.check_pixel_size = check_pixel_size
         self.prompt = prompt
@@ -151,7 +155,25 @@ class ImagenGenerateOperator(BaseOperator):
 
     # -- Airflow entry points ----------------------------------------------------------------------
 
+    def _do_render_template_fields(
+        self, parent: Any, template_fields: Any, context: Context, jinja_env: Any, seen_oids: set[int]
+    ) -> None:
+        """Render like Airflow, then check the rendered paths (a mapped task renders through this method)."""
+        if parent is self:
+            self._imagen_templates = {name: getattr(self, name) for name in template_fields}
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+        if parent is self:
+            self._check_rendered()
+
+    def _check_rendered(self) -> None:
+        try:
+            check_generate_rendered(self, getattr(self, "_imagen_templates", {}))
+        except ImagenInputError as exc:
+            # A template that renders to a bad value renders to it again on retry: fail, no retries.
+            raise AirflowFailException(f"invalid argument, nothing was submitted: {exc}") from exc
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self._check_rendered()
         try:
             request = ImageRequest(self.prompt, self.size)
         except ImagenInputError as exc:
@@ -175,6 +197,7 @@ class ImagenGenerateOperator(BaseOperator):
             self.log.info("Image already made and mirrored by an earlier try; nothing to pay.")
             return self._result(context, entry)
         client = self._client()
+        self._preflight(client, entry)
         task_id = self._submit_once(client, journal, request, entry)
         task = client.get_task(task_id)
         if task.is_terminal:
@@ -211,10 +234,7 @@ class ImagenGenerateOperator(BaseOperator):
     ) -> str:
         if entry is not None and entry.unknown_submit and not self.resubmit_unknown:
             why = entry.ambiguous_reason or "the worker stopped mid-submit"
-            raise AmbiguousSubmitError(
-                f"an earlier try sent this request but never learned its task id ({why}); it may have "
-                "been paid. Not sending it again: set resubmit_unknown=True to pay for a new one"
-            )
+            raise AmbiguousSubmitError(why, earlier_try=True)
         if entry is not None and entry.task_id and not entry.unknown_submit:
             self.log.info(
                 "Re-attaching to task %s submitted by an earlier try; no new charge.", entry.task_id
@@ -310,6 +330,25 @@ class ImagenGenerateOperator(BaseOperator):
 
     def _client(self) -> ImagenClient:
         return ImagenHook(self.imagen_conn_id).get_conn()
+
+    def _preflight(self, client: ImagenClient, entry: JournalEntry | None) -> None:
+        """Free checks before the POST, when one will be sent: writable output and journal, a balance read.
+
+        The balance read also catches a wrong key, base URL or host before anything is paid. A try that
+        re-attaches to a task an earlier try paid for sends no POST and needs none of it.
+        """
+        if entry is not None:
+            reattach = entry.task_id and not entry.unknown_submit
+            if reattach or (entry.unknown_submit and not self.resubmit_unknown):
+                return
+        locations = {}
+        if self.output_path:
+            out = as_path(self.output_path)
+            locations["output_path"] = out.parent if out.suffix.lower() == ".png" else out
+        locations["journal_path"] = resolve_journal_root(self.journal_path, self.output_path)
+        probe_locations(locations)
+        balance = client.get_balance()
+        require_one_image(balance, None, nothing_paid_yet=lambda: True)
 
     def _journal(self, context: Context) -> Journal:
         return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
