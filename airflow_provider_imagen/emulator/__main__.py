@@ -33,6 +33,12 @@ _KNOBS: tuple[tuple[str, str, Any, str], ...] = (
     ("--error-rate-5xx", "error_rate_5xx", float, "probability 0..1 that an /api/v1 request answers 500"),
     ("--ambiguous-submit-rate", "ambiguous_submit_rate", float, "probability a submit creates a task + 502"),
     ("--response-delay", "response_delay", float, "seconds added to every /api/v1 answer"),
+    (
+        "--submit-answer-delay",
+        "submit_answer_delay",
+        float,
+        "seconds a submit holds its answer back after creating and charging the task",
+    ),
     ("--starting-balance", "starting_balance", int, "credits each key starts with (default 1000000)"),
 )
 

@@ -129,6 +129,8 @@ def create_app(
             task = result.task
             if not task.html:
                 renderer.submit(images.get, task.prompt, task.size, state.config.image_scale, task.id)
+            if result.answer_delay > 0:  # created and charged already: a late answer, not a slow server
+                await asyncio.sleep(result.answer_delay)
             if result.ambiguous:
                 raise ApiError(502, BAD_GATEWAY, "Bad gateway: the upstream did not answer in time")
             return JSONResponse(result.response)

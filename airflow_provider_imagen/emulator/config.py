@@ -37,9 +37,18 @@ MARKER_FAIL = "[[fail]]"
 MARKER_AMBIGUOUS = "[[ambiguous]]"
 MARKER_SLOW = "[[slow]]"
 MARKER_HTML = "[[html]]"
+MARKER_LATE = "[[late]]"
+MARKER_WRONG_SIZE = "[[wrong_size]]"
 
 _RATE_FIELDS = ("moderation_rate", "failure_rate", "ambiguous_submit_rate", "error_rate_5xx")
-_NON_NEGATIVE_FIELDS = ("latency_mean", "latency_jitter", "response_delay", "image_ttl")
+_NON_NEGATIVE_FIELDS = (
+    "latency_mean",
+    "latency_jitter",
+    "response_delay",
+    "submit_answer_delay",
+    "late_submit_delay",
+    "image_ttl",
+)
 _KEY_TUPLE_FIELDS = ("api_keys", "revoked_keys", "moderated_words")
 
 
@@ -72,6 +81,9 @@ class EmulatorConfig:
     (moderation, failure, ambiguous submit) or per ``/api/v1`` request (``error_rate_5xx``).
     ``rate_limit_rps`` is a per-key token bucket over all ``/api/v1`` requests, with a burst of
     ``rate_limit_burst`` (default: ``max(1, rate_limit_rps)``); ``None`` disables it.
+    ``submit_answer_delay`` holds back the answer of every submit after its task was created and charged
+    (``late_submit_delay`` for prompts containing ``[[late]]``): a client that gives up meanwhile has paid
+    for a task whose id it never learns.
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
@@ -88,6 +100,8 @@ class EmulatorConfig:
     ambiguous_submit_rate: float = 0.0
     error_rate_5xx: float = 0.0
     response_delay: float = 0.0
+    submit_answer_delay: float = 0.0
+    late_submit_delay: float = 20.0
     rate_limit_rps: float | None = None
     rate_limit_burst: float | None = None
     moderated_words: tuple[str, ...] = field(default=(MARKER_MODERATE,))

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from PIL import Image, ImageDraw, ImageFont
 
-from airflow_provider_imagen.emulator.config import MODEL, SIZES
+from airflow_provider_imagen.emulator.config import MARKER_WRONG_SIZE, MODEL, SIZES
 
 FontType = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -39,6 +39,19 @@ def pixel_size(size: str, scale: float = 1.0) -> tuple[int, int]:
     """Return the (width, height) in pixels of an image of aspect ratio ``size`` scaled by ``scale``."""
     width, height = SIZES[size]
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def rendered_size(prompt: str, size: str, scale: float = 1.0) -> tuple[int, int]:
+    """Return the (width, height) the emulator renders for ``prompt`` at ``size``.
+
+    Imagen 4's size for the ratio, or, when the prompt contains ``[[wrong_size]]``, a size of another
+    aspect ratio (the other orientation; 16:9 for a square), so a client that checks what it was sent
+    can catch it.
+    """
+    width, height = pixel_size(size, scale)
+    if MARKER_WRONG_SIZE not in prompt.lower():
+        return width, height
+    return (height, width) if width != height else pixel_size("16:9", scale)
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,10 +165,12 @@ def _layout(prompt: str, width: int, height: int) -> tuple[FontType, list[str], 
 def render_png(prompt: str, size: str, scale: float = 1.0, task_id: str = "") -> bytes:
     """Render ``prompt`` as PNG bytes at Imagen 4's pixel size for ``size`` (times ``scale``).
 
+    See :func:`rendered_size` for the ``[[wrong_size]]`` marker.
+
     The task id goes in the footer: like real renders, two tasks with the same prompt (variations)
     give different images.
     """
-    width, height = pixel_size(size, scale)
+    width, height = rendered_size(prompt, size, scale)
     background = background_colour(prompt)
     ink = _text_colour(background)
     image = Image.new("RGB", (width, height), background)

@@ -28,7 +28,9 @@ from airflow_provider_imagen.emulator.config import (
     MARKER_AMBIGUOUS,
     MARKER_FAIL,
     MARKER_HTML,
+    MARKER_LATE,
     MARKER_SLOW,
+    MARKER_WRONG_SIZE,
     MIN_LATENCY,
     MODEL,
     EmulatorConfig,
@@ -71,6 +73,8 @@ class Task:
     image_ttl: float
     html: bool = False
     ambiguous: bool = False
+    answer_delay: float = 0.0
+    wrong_size: bool = False
     polls: int = 0
     downloads: int = 0
     first_terminal_poll_at: float | None = None
@@ -95,11 +99,15 @@ class Task:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """A created (and charged) task; ``ambiguous`` means the HTTP layer must answer 502 anyway."""
+    """A created (and charged) task, and how the HTTP layer must answer it.
+
+    ``ambiguous``: answer 502 anyway; ``answer_delay``: hold the answer back this many seconds first.
+    """
 
     task: Task
     response: dict[str, Any]
     ambiguous: bool
+    answer_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class _Counters:
     rate_limited: int = 0
     server_errors: int = 0
     ambiguous_submits: int = 0
+    late_submits: int = 0
     tasks_created: int = 0
     credits_charged: int = 0
     credits_refunded: int = 0
@@ -331,6 +340,8 @@ class EmulatorState:
             ambiguous = (
                 _contains_any(prompt, (MARKER_AMBIGUOUS,)) or ambiguous_roll < cfg.ambiguous_submit_rate
             )
+            late = _contains_any(prompt, (MARKER_LATE,))
+            answer_delay = cfg.late_submit_delay if late else cfg.submit_answer_delay
 
             task = Task(
                 id=f"task_{secrets.token_hex(16)}",
@@ -343,6 +354,8 @@ class EmulatorState:
                 image_ttl=cfg.image_ttl,
                 html=_contains_any(prompt, (MARKER_HTML,)),
                 ambiguous=ambiguous,
+                answer_delay=answer_delay,
+                wrong_size=_contains_any(prompt, (MARKER_WRONG_SIZE,)),
             )
             self._tasks[task.id] = task
             heapq.heappush(self._pending, (task.ready_at, task.id))
@@ -353,8 +366,10 @@ class EmulatorState:
             counters.submissions_by_prompt[prompt] += 1
             if ambiguous:
                 counters.ambiguous_submits += 1
+            if answer_delay > 0:
+                counters.late_submits += 1
             response = {"id": task.id, "model": MODEL, "status": PROCESSING, "created_at": int(now)}
-            return SubmitResult(task=task, response=response, ambiguous=ambiguous)
+            return SubmitResult(task=task, response=response, ambiguous=ambiguous, answer_delay=answer_delay)
 
     def poll(self, key: str, task_id: str, base_url: str) -> dict[str, Any]:
         """Answer ``GET /tasks/{id}`` for ``key``; 404 (code 40401) for unknown ids and other keys' tasks."""
@@ -460,6 +475,7 @@ class EmulatorState:
                 "rate_limited": counters.rate_limited,
                 "server_errors": counters.server_errors,
                 "ambiguous_submits": counters.ambiguous_submits,
+                "late_submits": counters.late_submits,
                 "status_counts": status_counts,
                 "submissions_by_prompt": dict(counters.submissions_by_prompt),
             }
@@ -482,6 +498,8 @@ class EmulatorState:
                     "polls": task.polls,
                     "downloads": task.downloads,
                     "ambiguous": task.ambiguous,
+                    "answer_delay": task.answer_delay,
+                    "wrong_size": task.wrong_size,
                     "refunded": task.refunded,
                 }
                 for task in self._tasks.values()

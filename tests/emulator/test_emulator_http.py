@@ -477,3 +477,117 @@ def test_two_servers_are_independent() -> None:
         assert one.ledger()["tasks_created"] == 1 and two.ledger()["tasks_created"] == 0
         assert one.running
     assert not one.running
+
+
+# ---------------------------------------------------------------------------------------------- late answers
+
+
+async def _submit_and_watch(emu: EmulatorServer, prompt: str, watch_after: float) -> tuple[float, dict, dict]:
+    """Submit, read the ledger while the answer is still held back; return (seconds, answer, ledger)."""
+    headers = {"Authorization": f"Bearer {emu.api_key}"}
+    body = {"model": "imagen-4-0", "prompt": prompt}
+    async with httpx.AsyncClient(base_url=emu.api_url, headers=headers, timeout=10) as client:
+        start = time.perf_counter()
+        pending = asyncio.ensure_future(client.post("/images/generations", json=body))
+        await asyncio.sleep(watch_after)
+        assert not pending.done(), "the answer came before the delay"
+        async with httpx.AsyncClient(base_url=emu.base_url) as control:
+            during = (await control.get("/_emulator/ledger")).json()
+        response = await pending
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200, response.text
+    return elapsed, response.json(), during
+
+
+async def test_submit_answer_delay_charges_first_then_answers_late(emu: EmulatorServer) -> None:
+    emu.configure(submit_answer_delay=0.6)
+    elapsed, answer, during = await _submit_and_watch(emu, "a lighthouse at dusk", 0.3)
+    # The task exists and is paid for while the client still waits for its id.
+    assert during["tasks_created"] == 1 and during["credits_charged"] == 46 and during["late_submits"] == 1
+    assert elapsed >= 0.6
+    (task,) = emu.tasks()
+    assert answer["id"] == task["id"] and task["answer_delay"] == 0.6
+    # Polls and balance reads are not held back.
+    headers = {"Authorization": f"Bearer {emu.api_key}"}
+    start = time.perf_counter()
+    assert httpx.get(f"{emu.api_url}/balance", headers=headers).json() == {"balance": 1_000_000 - 46}
+    assert time.perf_counter() - start < 0.4
+
+
+async def test_late_marker_delays_only_its_own_submit(emu: EmulatorServer) -> None:
+    emu.configure(late_submit_delay=0.5)
+    elapsed, _, during = await _submit_and_watch(emu, "a harbour [[late]]", 0.25)
+    assert elapsed >= 0.5 and during["tasks_created"] == 1 and during["late_submits"] == 1
+    headers = {"Authorization": f"Bearer {emu.api_key}"}
+    start = time.perf_counter()
+    reply = httpx.post(
+        f"{emu.api_url}/images/generations",
+        json={"model": "imagen-4-0", "prompt": "a harbour"},
+        headers=headers,
+    )
+    assert reply.status_code == 200 and time.perf_counter() - start < 0.4
+    assert emu.ledger()["late_submits"] == 1
+    assert [t["answer_delay"] for t in emu.tasks()] == [0.5, 0.0]
+
+
+def test_a_client_that_gives_up_on_a_late_answer_has_still_paid(api: Api) -> None:
+    api.server.configure(submit_answer_delay=1.0)
+    with pytest.raises(httpx.ReadTimeout):
+        api.http.post(
+            "/images/generations",
+            json={"model": "imagen-4-0", "prompt": "an unanswered request"},
+            timeout=0.3,
+        )
+    ledger = api.server.ledger()
+    assert ledger["posts"] == 1 and ledger["tasks_created"] == 1 and ledger["net_credits"] == 46
+    assert ledger["submissions_by_prompt"] == {"an unanswered request": 1}
+    # The task renders and completes like any other: paid, and nobody holds its id.
+    (task,) = api.server.tasks()
+    assert api.wait(task["id"])["status"] == "completed"
+
+
+def test_late_and_ambiguous_answers_502_after_the_delay(api: Api) -> None:
+    api.server.configure(late_submit_delay=0.4)
+    start = time.perf_counter()
+    assert_error(api.submit("a quarry [[late]] [[ambiguous]]"), 502, 60502)
+    assert time.perf_counter() - start >= 0.4
+    ledger = api.server.ledger()
+    assert ledger["tasks_created"] == 1 and ledger["ambiguous_submits"] == 1 and ledger["late_submits"] == 1
+
+
+def test_answer_delays_reject_negative_values(api: Api) -> None:
+    for knob in ("submit_answer_delay", "late_submit_delay"):
+        reply = httpx.post(f"{api.server.base_url}/_emulator/config", json={knob: -1})
+        assert_error(reply, 400, 20001)
+
+
+# ---------------------------------------------------------------------------------------------- wrong sizes
+
+
+@pytest.mark.parametrize(
+    ("size", "pixels"),
+    [
+        ("16:9", (192, 352)),
+        ("9:16", (352, 192)),
+        ("4:3", (224, 320)),
+        ("3:4", (320, 224)),
+        ("1:1", (352, 192)),
+    ],
+)
+def test_wrong_size_marker_serves_another_aspect_ratio(api: Api, size: str, pixels: tuple[int, int]) -> None:
+    api.server.configure(image_scale=0.25)
+    task_id = api.submit_ok(f"a misframed shot [[wrong_size]] {size}", size=size)
+    done = api.wait(task_id)
+    # The API itself reports nothing wrong: only the pixels tell.
+    assert done["status"] == "completed" and done["error"] is None
+    assert png_size(httpx.get(done["output"]["image_urls"][0]).content) == pixels
+    (task,) = api.server.tasks()
+    assert task["wrong_size"] and task["size"] == size
+    assert api.server.ledger()["net_credits"] == 46
+
+
+def test_moderated_and_failed_tasks_carry_the_api_message_in_their_poll(api: Api) -> None:
+    moderated = api.wait(api.submit_ok("a riot [[moderate]]"))
+    failed = api.wait(api.submit_ok("a blur [[fail]]"))
+    assert moderated["error"] == {"code": 80006, "message": "Request violates content policy"}
+    assert failed["error"] == {"code": 60001, "message": "Generation failed"}

@@ -123,3 +123,105 @@ def leaks(paths: Iterable[Path], secrets: Iterable[bytes]) -> list[str]:
             if match:
                 found.append(f"{path}: signed URL {match.group()[:60]!r}")
     return found
+
+
+def all_local_manifests(output: Path) -> list[pd.DataFrame]:
+    """Every manifest under a local output folder (one per task instance that wrote one)."""
+    from airflow_provider_imagen.batch.manifest import read_manifest
+
+    return [read_manifest(str(p)) for p in sorted((output / "manifests").rglob("*.parquet"))]
+
+
+def sha256_of(uri: str) -> str | None:
+    """The sha256 of the local file ``uri`` names (``file://`` or a plain path), or None if it is gone."""
+    import hashlib
+
+    path = Path(uri.removeprefix("file://"))
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+#: Manifest statuses that say a charged, completed render was not filed as an image, and why.
+NOT_FILED = ("unknown_submit", "expired", "download_failed", "wrong_size", "timeout")
+
+
+def audit(
+    manifests: Sequence[pd.DataFrame], ledger: dict[str, Any], tasks: list[dict[str, Any]], tag: str
+) -> dict[str, Any]:
+    """The money rules of a run (or of several runs of one table) that Airflow interrupted.
+
+    ``manifests``: every manifest the runs wrote. Asserted, for the emulator tasks whose prompt starts
+    with ``tag``:
+    - no task is named by two rows; a row names a task of its own prompt and size;
+    - a task no row names is accounted for: its prompt has an ``unknown_submit`` row, or its prompt's
+      rows bill every charged task of that prompt (a resubmit, a raced stale try), or a row's
+      ``error_message`` names it (an image of a prompt the user has since edited). So no prompt is
+      charged twice unless a row says so;
+    - a moderated or failed task's row keeps the API's code and message and costs nothing;
+    - a charged, completed render is ``completed``, or its row says why not (a status of
+      :data:`NOT_FILED` and an ``error_message``); an image of the wrong pixel size is never
+      ``completed``; every file a row names exists with the row's sha256 (nothing overwrote it);
+    - the manifests' credits are at least the ledger's net charge, and equal to it when no row is
+      ``unknown_submit``.
+    """
+    ours = [t for t in tasks if t["prompt"].startswith(tag)]
+    net = CREDITS_PER_IMAGE * sum(1 for t in ours if not t["refunded"])
+    if len(ours) == len(tasks):
+        assert ledger["net_credits"] == net, (ledger["net_credits"], net)
+    rows = pd.concat(list(manifests), ignore_index=True) if manifests else pd.DataFrame()
+    assert len(rows), "no manifest row at all"
+    named = Counter(t for t in rows["task_id"] if isinstance(t, str))
+    twice = {t: n for t, n in named.items() if n > 1}
+    assert not twice, f"tasks named by more than one manifest row: {twice}"
+    rows_by_task = {r.task_id: r for r in rows.itertuples() if isinstance(r.task_id, str)}
+    unknown = rows[rows["status"] == "unknown_submit"]
+    messages = " ".join(m for m in rows["error_message"] if isinstance(m, str))
+    billed = rows.groupby("prompt")["credits"].sum().to_dict()
+    charged = Counter(t["prompt"] for t in ours if not t["refunded"])
+    unnamed: list[dict[str, Any]] = []
+    mirrored = 0
+    for task in ours:
+        row = rows_by_task.get(task["id"])
+        if row is None:
+            unnamed.append(task)
+            prompt = task["prompt"]
+            assert (
+                prompt in set(unknown["prompt"])
+                or billed.get(prompt, 0) >= CREDITS_PER_IMAGE * charged[prompt]
+                or task["id"] in messages
+            ), f"a paid task is in no manifest row, and no row bills it or names it: {task}"
+            continue
+        assert row.prompt == task["prompt"] and row.size == task["size"], (row, task)
+        outcome = task["outcome"]
+        if outcome in ("moderated", "failed"):
+            code, message = {
+                "moderated": (80006, "Request violates content policy"),
+                "failed": (60001, "Generation failed"),
+            }[outcome]
+            assert (row.status, row.error_code, row.error_message) == (outcome, code, message), (row, task)
+            continue
+        if row.status == "completed":
+            assert not task.get("wrong_size"), f"an image of the wrong pixel size was filed: {row}"
+            mirrored += 1
+        else:
+            assert row.status in NOT_FILED and isinstance(row.error_message, str), (row, task)
+    for row in rows.itertuples():
+        if isinstance(row.image_uri, str):
+            assert sha256_of(row.image_uri) == row.sha256, f"{row.image_uri} is gone or not {row.sha256}"
+    credits = int(rows["credits"].sum())
+    assert credits >= net, (credits, net)
+    if not len(unknown):
+        assert credits == net, (credits, net)
+    by_prompt = Counter(t["prompt"] for t in ours)
+    return {
+        "rows": len(rows),
+        "tasks_created": len(ours),
+        "prompts_paid_more_than_once": sum(1 for n in by_prompt.values() if n > 1),
+        "unknown_submit": len(unknown),
+        "unnamed_tasks": len(unnamed),
+        "mirrored": mirrored,
+        "manifest_credits": credits,
+        "ledger_net_credits": net,
+    }

@@ -191,6 +191,8 @@ BASE_EMULATOR: dict[str, Any] = {
     "ambiguous_submit_rate": 0.0,
     "error_rate_5xx": 0.0,
     "response_delay": 0.0,
+    "submit_answer_delay": 0.0,
+    "late_submit_delay": 20.0,
     "rate_limit_rps": None,
     "rate_limit_burst": None,
     "slow_factor": 10.0,
