@@ -41,7 +41,7 @@ from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
-from airflow_provider_imagen.batch.submit import NotSentError, RateLimiter, SubmitReport, submit_chunk
+from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
 from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_window
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule
 
@@ -56,6 +56,10 @@ _STOPPING_REFUSALS = (
     ("InsufficientCreditsError", "insufficient_credits"),
     ("AuthenticationError", "authentication"),
 )
+
+
+class StopRequestedError(RuntimeError):
+    """Airflow asked the task to stop while it was submitting; nothing more was sent. Safe to retry."""
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,13 @@ class BatchPass:
         clock: RunClock,
         known_tasks: dict[str, Task] | None = None,
         entries: dict[str, JournalEntry] | None = None,
+        stop: threading.Event | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.journal = journal
+        #: Set by the operator's ``on_kill`` (a clear, mark-failed, a worker shutting down): no POST after.
+        self.stop = stop or threading.Event()
         self.specs = specs
         self.images_root = as_path(images_root)
         self.settings = settings
@@ -223,6 +230,14 @@ class BatchPass:
                 break
             # The API refused every submit of that window (400s, say) and nothing is rendering: send the
             # next window now. Refused keys are final for this try, so this ends.
+        if plan.unknown and not plan.in_flight and not plan.to_submit:
+            # Unknown submits may belong to an older try fenced off mid-chunk: it journals the ones it
+            # never sent when it wakes. Read once more before giving them up, and send what it left.
+            self.entries = self.journal.load()
+            plan = self._plan(stop is not None)
+            if plan.to_submit:
+                stop = self._submit(plan.to_submit) or stop
+                plan = self._plan(stop is not None)
         now = self.now()
         if plan.in_flight and now < self.clock.deadline:
             self._progress(plan)
@@ -436,7 +451,7 @@ class BatchPass:
                     digests={s.key: s.digest for s in part},
                     attempts=attempts,
                     pace=pace,
-                    should_stop=dry.is_set,
+                    should_stop=lambda: dry.is_set() or self.stop.is_set(),
                 )
             except BaseException:
                 dry.set()  # fenced, or broken: the other chunks send nothing more
@@ -460,6 +475,11 @@ class BatchPass:
         pool.shutdown()
         for report in reports:
             self._fold(report.records)
+        if self.stop.is_set():
+            raise StopRequestedError(
+                "the task was asked to stop (a clear, mark-failed or a worker shutting down); every POST "
+                "sent so far is journalled and nothing more was sent: a retry re-attaches to them"
+            )
         if any(r.out_of_credits is not None for r in reports):
             log.error("The API says the account is out of credits; submitting stops.")
             return "insufficient_credits"
@@ -544,12 +564,9 @@ class BatchPass:
                 )
         for key in plan.rejected:
             reason = self.entries[key].rejected_reason or "refused by the API"
-            if stop == "insufficient_credits" and reason.startswith(
-                ("InsufficientCreditsError", NotSentError.__name__)
-            ):
+            # Keys never sent are not here: the plan puts them back with the rows still to send.
+            if stop == "insufficient_credits" and reason.startswith("InsufficientCreditsError"):
                 finish.overrides[key] = ("skipped_budget", "the API reported insufficient credits")
-            elif reason.startswith(NotSentError.__name__):
-                finish.overrides[key] = ("not_submitted", f"not sent: submitting stopped ({stop})")
             else:
                 finish.overrides[key] = ("rejected", reason)
                 finish.error = finish.error or reason

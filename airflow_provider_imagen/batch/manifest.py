@@ -252,6 +252,10 @@ def manifest_row(
     replaced = source.replaced if source is not None else []
     if earlier is not None:
         replaced = [*replaced, {"task_id": earlier.task_id, "image_uri": (earlier.mirrored or {}).get("uri")}]
+    if credits and status not in CHARGED_STATUSES and not replaced:
+        posts = credits // CREDITS_PER_IMAGE
+        paid = f"{posts} earlier POST(s) of this request may have been paid ({credits} credits)"
+        error_message = f"{error_message}; {paid}" if error_message else paid
     if replaced:
         old = replaced[-1]
         where = f", its image stays at {old['image_uri']}" if old.get("image_uri") else ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
@@ -28,6 +28,8 @@ from airflow_provider_imagen.polling import PollSchedule, PollTracker
 if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
 
+#: Rejection reasons of POSTs that were never sent start with this (see ``submit.NotSentError``).
+NOT_SENT: Final = "NotSentError"
 #: Journal statuses that end a request (the API will not change its mind).
 ENDED: frozenset[str] = frozenset({"completed", "failed", "not_found"})
 
@@ -112,7 +114,10 @@ def plan_window(
                 plan.done += 1
             continue
         if entry.task_id is None:  # every submit so far was provably rejected
-            if (
+            if (entry.rejected_reason or "").startswith(NOT_SENT):
+                # Never sent (a stopped loop, a fenced older try): nothing refused it, so send it now.
+                unsent.append(spec)
+            elif (
                 retry_rejected_before is not None
                 and entry.rejected_at is not None
                 and entry.rejected_at >= retry_rejected_before

@@ -27,7 +27,13 @@ from airflow_provider_imagen.api.errors import (
     InsufficientCreditsError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
-from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
+from airflow_provider_imagen.batch.engine import (
+    BatchPass,
+    BatchSettings,
+    Finish,
+    RunClock,
+    StopRequestedError,
+)
 from airflow_provider_imagen.batch.journal import (
     TRY_KEY,
     Journal,
@@ -45,6 +51,7 @@ from airflow_provider_imagen.operators._arguments import (
     is_template,
     without_records,
 )
+from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
@@ -227,7 +234,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         # ``airflow tasks test``) stops before its next POST, and every intent it journalled before that
         # check is in the read below, so this try never sends the same row again.
         clock.epoch = journal.claim(
-            _try_owner(context), try_number=getattr(context["ti"], "try_number", None)
+            try_owner(context), try_number=getattr(context["ti"], "try_number", None)
         ).epoch
         entries = journal.load()
         if self.check_balance and balance is not None:
@@ -254,7 +261,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         """Resume after the trigger: check this try still owns the journal, validate the event, go on."""
         outcome = PollOutcome.from_event(event)
         journal = self._journal(context)
-        lease = journal.resume(_try_owner(context), epoch)
+        lease = journal.resume(try_owner(context), epoch)
         entries = journal.load()  # read once: the first pass starts from it too
         saved = entries.get(TRY_KEY)
         clocks = saved.clocks if saved is not None else {}
@@ -264,6 +271,14 @@ class ImagenBatchGenerateOperator(BaseOperator):
         return self._run(
             context, journal, self._specs(), clock, outcome, client=self._client(), entries=entries
         )
+
+    def on_kill(self) -> None:
+        """Stop sending: Airflow calls this on SIGTERM (a clear or mark-failed) and on ``execution_timeout``.
+
+        The submitter threads send no POST after it; a POST already on the wire has its answer
+        journalled, so a retry re-attaches to it instead of paying again.
+        """
+        stop_event(self).set()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -290,6 +305,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 clock=clock,
                 known_tasks=known,
                 entries=entries,
+                stop=stop_event(self),
             )
             step = batch.run(outcome, sweep=sweep)
             # Passes in one process follow each other: the next starts from what this one folded in
@@ -326,6 +342,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 polled_until=step.polled_until,
                 seen=known,
             )
+            if stop_event(self).is_set():
+                raise StopRequestedError("the task was asked to stop while it waited on the worker")
             sweep = False
 
     def _finish(
@@ -344,12 +362,25 @@ class ImagenBatchGenerateOperator(BaseOperator):
         entries = journal.load()
         identity = RunIdentity.from_context(context)
         rows = []
+        left_unsent = 0
         for spec in specs:
             status, reason = finish.overrides.get(spec.key, (None, None))
+            entry = entries.get(spec.key)
+            if (
+                status is None
+                and spec.valid
+                and entry is not None
+                and entry.matches(spec.digest)
+                and entry.task_id is None
+                and not entry.unknown_submit
+            ):
+                # An older try (fenced off) journalled it "not sent" after this try's last pass.
+                status, reason = "not_submitted", "not sent: an older try of this task stopped before it"
+                left_unsent += 1
             rows.append(
                 manifest_row(
                     spec,
-                    entries.get(spec.key),
+                    entry,
                     identity=identity,
                     override_status=status,
                     override_reason=reason,
@@ -395,6 +426,11 @@ class ImagenBatchGenerateOperator(BaseOperator):
             raise ImagenTransportError(
                 f"the API could not be reached ({finish.error}); nothing was paid for the requests "
                 f"listed as rejected or not_submitted in {uri}. A retry of the task sends them"
+            )
+        if left_unsent:
+            raise ImagenError(
+                f"{left_unsent} row(s) were left unsent by an older try of this task that stopped late "
+                f"(not_submitted rows in {uri}); nothing was paid for them, and a retry sends them"
             )
         not_mirrored = finish.unmirrored
         if not_mirrored:
@@ -517,17 +553,6 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
     def _journal(self, context: Context) -> Journal:
         return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
-
-
-def _try_owner(context: Context) -> str:
-    """Return what names this try of the task instance (Airflow 3 gives each try its own id)."""
-    ti = context["ti"]
-    ti_id = getattr(ti, "id", None)
-    if ti_id:
-        return str(ti_id)
-    return (
-        f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{getattr(ti, 'map_index', -1)}/{getattr(ti, 'try_number', 0)}"
-    )
 
 
 def _this_try(

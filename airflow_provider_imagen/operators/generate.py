@@ -33,6 +33,7 @@ from airflow_provider_imagen.api.models import (
     Task,
     pixel_size_mismatch,
 )
+from airflow_provider_imagen.batch.engine import StopRequestedError
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
@@ -40,6 +41,7 @@ from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.batch.submit import submit_chunk
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.operators._arguments import check_generate_arguments, check_generate_rendered
+from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
@@ -66,12 +68,6 @@ class ImagenImageLink(BaseOperatorLink):
 
         uri = XCom.get_value(key=IMAGE_URI_XCOM_KEY, ti_key=ti_key)
         return browsable_uri(uri) if uri else ""
-
-
-def _try_owner(context: Context) -> str:
-    from airflow_provider_imagen.operators.batch import _try_owner as owner
-
-    return owner(context)
 
 
 def browsable_uri(uri: str) -> str:
@@ -190,12 +186,14 @@ class ImagenGenerateOperator(BaseOperator):
             self._preflight(client, entry)
         # Claim, then read again: an older try still alive stops before its next POST, and whatever it
         # journalled before that is in this read (see batch.fence).
-        journal.claim(_try_owner(context), try_number=getattr(context["ti"], "try_number", None))
+        journal.claim(try_owner(context), try_number=getattr(context["ti"], "try_number", None))
         entry = self._current(journal, request)
         if entry is not None and entry.mirrored is not None:
             self.log.info("Image already made and mirrored by an earlier try; nothing to pay.")
             return self._result(context, entry)
         task_id = self._submit_once(client, journal, request, entry)
+        if stop_event(self).is_set():  # asked to stop while the POST was out: its answer is journalled
+            raise StopRequestedError(f"the task was asked to stop; task {task_id} is journalled")
         task = client.get_task(task_id)
         if task.is_terminal:
             return self._finish(context, client, journal, task)
@@ -216,6 +214,10 @@ class ImagenGenerateOperator(BaseOperator):
             )
         outcome = poll_tasks(client, [task_id], deadline=deadline, schedule=self.schedule)
         return self._complete(context, client, journal, outcome, deadline)
+
+    def on_kill(self) -> None:
+        """Send nothing more: Airflow calls this on SIGTERM (a clear or mark-failed)."""
+        stop_event(self).set()
 
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None, deadline: float | None = None
