@@ -49,6 +49,19 @@ EXPECTED_RENDER = float(os.environ.get("IMAGEN_EXAMPLES_EXPECTED_RENDER", "10"))
 #: The published partition manifests, one ``ds=…`` folder each.
 BACKFILL_MANIFESTS = Asset(name="imagen_prompt_backfill_manifests", uri=manifests_asset_uri(OUTPUT_ROOT))
 
+
+def run_date(context: Any) -> str:
+    """Return the date a run works on: the ``ds`` param when set, else the run's logical date.
+
+    Airflow keeps one run per logical date, so a second run of a date that has one is a manual run with
+    no logical date (or another one) and the ``ds`` param naming the date.
+    """
+    ds = context["params"].get("ds") or context.get("ds")
+    if not ds:
+        raise AirflowFailException("this run has no logical date: set the ds param (YYYY-MM-DD)")
+    return str(ds)
+
+
 with DAG(
     dag_id="imagen_prompt_backfill",
     description="Imagen 4 over a ds-partitioned prompt dataset; reruns of finished dates cost nothing",
@@ -64,19 +77,25 @@ with DAG(
             None, type=["null", "integer"], minimum=0, description="Budget per run (46 per image)"
         ),
         "imagen_conn_id": Param("imagen_default", type="string"),
+        "ds": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^\d{4}-\d{2}-\d{2}$",
+            description="The date to make, for a manual run; default: the run's logical date",
+        ),
     },
     tags=["imagen", "example"],
 ) as dag:
     # [START howto_imagen_backfill_plan]
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def plan(**context: Any) -> bool:
-        """Plan this run's own partition (``ds`` of its logical date) against that partition's index."""
+        """Plan this run's own partition (``ds`` of its date) against that partition's index."""
         from airflow.sdk import ObjectStoragePath
 
         from airflow_provider_imagen.batch.table import read_prompt_table
         from airflow_provider_imagen.publish.runs import partition_layout, plan_run
 
-        params, ti, ds = context["params"], context["ti"], context["ds"]
+        params, ti, ds = context["params"], context["ti"], run_date(context)
         partition = f"ds={ds}"
         source = ObjectStoragePath(params["dataset"].rstrip("/") + f"/{partition}")
         if not source.exists():
@@ -111,7 +130,7 @@ with DAG(
         """Merge the partition's runs into its manifest and draw it; skip when nothing changed."""
         from airflow_provider_imagen.publish.runs import partition_layout, publish_run
 
-        params, ti, ds = context["params"], context["ti"], context["ds"]
+        params, ti, ds = context["params"], context["ti"], run_date(context)
         layout, manifest = partition_layout(params["output_root"], f"ds={ds}", ti.dag_id)
         result = publish_run(
             layout, ti.run_id, partition_manifest=manifest, title=f"Prompt backfill · ds={ds}"
