@@ -30,7 +30,7 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 
 from airflow_provider_imagen.emulator import EmulatorConfig, EmulatorServer  # noqa: E402
 
-#: The emulator's knobs every test starts from: fast renders, small images.
+#: The emulator's knobs every test starts from: fast renders at Imagen 4's pixel sizes.
 BASE_CONFIG = EmulatorConfig.fast()
 
 

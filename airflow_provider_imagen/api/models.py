@@ -31,6 +31,10 @@ PIXEL_SIZES: Final[dict[str, tuple[int, int]]] = {
     "9:16": (768, 1408),
     "16:9": (1408, 768),
 }
+#: How far (a share of each side) a delivered image may differ from :data:`PIXEL_SIZES` and still count
+#: as the size that was asked for. Imagen 4 delivers the documented sizes exactly; the margin only keeps
+#: a re-encoded image that lost an edge row from being refused.
+PIXEL_SIZE_TOLERANCE: Final = 0.02
 #: Prompt length limit, in characters (code points), not bytes.
 MAX_PROMPT_CHARS: Final = 4000
 #: Credits charged per image at submit, any ratio; refunded when the task fails.
@@ -52,6 +56,25 @@ def request_digest(prompt: str, size: str, variation: int = 0, model: str = MODE
     """
     text = "\x1f".join((model, prompt, size, str(int(variation))))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def pixel_size_mismatch(
+    size: str, width: int | None, height: int | None, *, tolerance: float = PIXEL_SIZE_TOLERANCE
+) -> str | None:
+    """Return why an image of ``width`` × ``height`` is not what ratio ``size`` yields, or ``None``.
+
+    An image whose size could not be read, or a ratio without a documented size, is not judged.
+    """
+    expected = PIXEL_SIZES.get(size)
+    if expected is None or width is None or height is None:
+        return None
+    want_w, want_h = expected
+    if abs(width - want_w) <= tolerance * want_w and abs(height - want_h) <= tolerance * want_h:
+        return None
+    return (
+        f"the image is {width}x{height} px; Imagen 4 makes {want_w}x{want_h} px for {size} "
+        f"(within {tolerance:.0%} per side)"
+    )
 
 
 def estimate_credits(images: int) -> int:

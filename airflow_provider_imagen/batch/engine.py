@@ -37,11 +37,11 @@ from airflow_provider_imagen.api.errors import (
     ServerError,
     TaskNotFoundError,
 )
-from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
-from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
+from airflow_provider_imagen.batch.submit import NotSentError, RateLimiter, SubmitReport, submit_chunk
 from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_window
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule
 
@@ -86,6 +86,8 @@ class BatchSettings:
     expected_render: float = 10.0
     #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).
     poll_interval: float = 2.0
+    #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
+    check_pixel_size: bool = True
 
     @property
     def schedule(self) -> PollSchedule:
@@ -118,6 +120,8 @@ class RunClock:
     progress_at: float = 0.0
     #: The effective budget for this try (``max_credits`` capped by a balance check), if any.
     budget: int | None = None
+    #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
+    epoch: int | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
         """Return the JSON-safe form for ``defer(kwargs=…)``."""
@@ -126,6 +130,7 @@ class RunClock:
             "deadline": self.deadline,
             "progress_at": self.progress_at,
             "budget": self.budget,
+            "epoch": self.epoch,
         }
 
 
@@ -293,6 +298,7 @@ class BatchPass:
             and entry.status is None
             and not entry.unknown_submit
             and key in self._by_key
+            and entry.matches(self._by_key[key].digest)
             and (entry.submitted_at or now) + self.settings.expected_render <= now
         ]
         if not overdue:
@@ -323,22 +329,53 @@ class BatchPass:
 
     def _absorb(self, outcome: PollOutcome) -> None:
         key_of = {e.task_id: k for k, e in self.entries.items() if e.task_id}
-        records = []
-        for task_id, state in outcome.tasks.items():
-            key = key_of.get(task_id)
-            if key is None or state.status == "processing":
-                continue
-            entry = self.entries[key]
-            if entry.status is not None:
-                continue
-            records.append(
-                record("terminal", key, task_id=task_id, status=state.status, error_code=state.error_code)
+        ended = [
+            (key_of[task_id], task_id, state)
+            for task_id, state in outcome.tasks.items()
+            if task_id in key_of
+            and state.status != "processing"
+            and self.entries[key_of[task_id]].status is None
+        ]
+
+        def one(item: tuple[str, str, Any]) -> dict[str, Any]:
+            key, task_id, state = item
+            message = None
+            if state.status == "failed":
+                message = self._failure_message(task_id)
+            return record(
+                "terminal",
+                key,
+                task_id=task_id,
+                status=state.status,
+                error_code=state.error_code,
+                error_message=message,
             )
+
+        failures = sum(1 for _, _, state in ended if state.status == "failed")
+        if failures > 1:
+            with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
+                records = list(pool.map(one, ended))
+        else:
+            records = [one(item) for item in ended]
         if outcome.status == "timeout" and self.now() >= self.clock.deadline:
             records += [
                 record("timeout", key_of[t], task_id=t) for t in outcome.processing_ids if t in key_of
             ]
         self._write(records)
+
+    def _failure_message(self, task_id: str) -> str | None:
+        """Return the API's message for a failed task (events carry only its code: they stay small).
+
+        A poller on this worker kept the answer; after the triggerer, one free GET asks for it. The
+        message is worth that GET: it is what the manifest tells the user about a refused prompt.
+        """
+        task = self.known_tasks.get(task_id)
+        if task is None:
+            try:
+                task = self.client.get_task(task_id)
+            except ImagenError:
+                return None
+        return task.error_message
 
     def _mirror(self, keys: Iterable[str]) -> None:
         """Fetch each task's URL (it never rode the event) and mirror its image, in parallel."""
@@ -346,7 +383,8 @@ class BatchPass:
         def one(key: str) -> dict[str, Any]:
             entry = self.entries[key]
             spec = self._by_key[key]
-            dest = self.images_root / image_file_name(spec.prompt_id, spec.size, spec.variation)
+            name = image_file_name(spec.prompt_id, spec.size, spec.variation, entry.task_id)
+            dest = self.images_root / name
             try:
                 task = self.known_tasks.pop(entry.task_id or "", None) or self.client.get_task(
                     entry.task_id or ""
@@ -362,7 +400,12 @@ class BatchPass:
             except Exception as exc:  # any storage library's error: the row stays paid and retriable
                 reason = f"{type(exc).__name__}: {exc}"
                 return record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
-            return record("mirrored", key, task_id=entry.task_id, image=image.to_dict())
+            mismatch = (
+                pixel_size_mismatch(spec.size, image.width, image.height)
+                if self.settings.check_pixel_size
+                else None
+            )
+            return record("mirrored", key, task_id=entry.task_id, image=image.to_dict(), mismatch=mismatch)
 
         keys = list(keys)
         with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
@@ -385,22 +428,36 @@ class BatchPass:
         def one(part: Sequence[ImageSpec]) -> SubmitReport:
             # One refused key or an unreachable API means every other POST would fail the same way.
             attempts = {s.key: len(self.entries[s.key].task_ids) for s in part if s.key in self.entries}
-            report = submit_chunk(
-                self.client,
-                self.journal,
-                {s.key: s.request for s in part if s.request is not None},
-                attempts=attempts,
-                pace=pace,
-                should_stop=dry.is_set,
-            )
+            try:
+                report = submit_chunk(
+                    self.client,
+                    self.journal,
+                    {s.key: s.request for s in part if s.request is not None},
+                    digests={s.key: s.digest for s in part},
+                    attempts=attempts,
+                    pace=pace,
+                    should_stop=dry.is_set,
+                )
+            except BaseException:
+                dry.set()  # fenced, or broken: the other chunks send nothing more
+                raise
             if report.out_of_credits is not None or any(
                 isinstance(e, AuthenticationError) for e in report.rejected.values()
             ):
                 dry.set()
             return report
 
-        with ThreadPoolExecutor(max_workers=self.settings.submit_concurrency) as pool:
-            reports = list(pool.map(one, chunks))
+        pool = ThreadPoolExecutor(max_workers=self.settings.submit_concurrency)
+        try:
+            futures = [pool.submit(one, chunk) for chunk in chunks]
+            reports = [future.result() for future in futures]
+        except BaseException:
+            # An interrupt from Airflow (timeout, SIGTERM) lands here, in the main thread: stop every
+            # chunk before its next POST; a POST already sent gets its answer journalled by its thread.
+            dry.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
         for report in reports:
             self._fold(report.records)
         if any(r.out_of_credits is not None for r in reports):
@@ -445,9 +502,12 @@ class BatchPass:
         left = plan.total - plan.done
         eta = f"{left / rate:,.0f} s" if rate > 0 and left else ("0 s" if not left else "unknown")
         budget = f" of budget {self.clock.budget:,}" if self.clock.budget is not None else ""
+        paid_now = CREDITS_PER_IMAGE * sum(
+            e.charged_since(self.clock.started_at) for k, e in self.entries.items() if k in self._by_key
+        )
         log.info(
             "Progress: %d/%d done, %d in flight, %d waiting, %d failed, %d moderated, %d unknown; "
-            "credits %s%s ($%.2f); %.1f images/min; ETA %s",
+            "credits %s%s ($%.2f; paid in this try %s, earlier %s); %.1f images/min; ETA %s",
             plan.done,
             plan.total,
             len(plan.in_flight),
@@ -458,6 +518,8 @@ class BatchPass:
             f"{plan.committed:,}",
             budget,
             credits_to_usd(plan.committed),
+            f"{paid_now:,}",
+            f"{plan.committed - paid_now:,}",
             rate * 60,
             eta,
         )
@@ -483,10 +545,10 @@ class BatchPass:
         for key in plan.rejected:
             reason = self.entries[key].rejected_reason or "refused by the API"
             if stop == "insufficient_credits" and reason.startswith(
-                ("InsufficientCreditsError", "RuntimeError")
+                ("InsufficientCreditsError", NotSentError.__name__)
             ):
                 finish.overrides[key] = ("skipped_budget", "the API reported insufficient credits")
-            elif reason.startswith("RuntimeError: not sent"):
+            elif reason.startswith(NotSentError.__name__):
                 finish.overrides[key] = ("not_submitted", f"not sent: submitting stopped ({stop})")
             else:
                 finish.overrides[key] = ("rejected", reason)
@@ -494,13 +556,10 @@ class BatchPass:
         if stop in ("authentication", "unreachable"):
             finish.stopped = stop
         for key, entry in self.entries.items():
+            if key not in self._by_key or not entry.matches(self._by_key[key].digest):
+                continue
             if entry.expired:
                 finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")
-            elif (
-                entry.status == "completed"
-                and entry.mirrored is None
-                and not entry.mirror_final
-                and key in self._by_key
-            ):
+            elif entry.status == "completed" and entry.mirrored is None and not entry.mirror_final:
                 finish.unmirrored += 1
         return finish

@@ -9,11 +9,23 @@ Invariants:
 - an ``intent`` record for a request is durable BEFORE its paid POST is sent; its ``submitted`` record
   (the task id) is written right after. An intent with no id after it is an *unknown submit*: the POST
   may or may not have created a paid task. It is reported, and resubmitted only by explicit policy;
-- records are only ever appended, in *segments*: one immutable file per write, named by time and a
-  random suffix, written whole (a rename on local disk, one PUT on object stores). Two writers (a zombie
-  try and its retry) cannot overwrite each other; reading folds every segment in name order;
-- a request that was provably not created (401, 400, 402, a 429 or a refused connection after retries)
-  gets a ``rejected`` record, which clears its intent so a later try may submit it again.
+- records are only ever appended, in *segments*: one immutable file per write, written whole and
+  fsynced (a rename on local disk, one PUT on object stores). Two writers (a zombie try and its retry)
+  cannot overwrite each other; reading folds every segment in name order;
+- segment names start with a sequence number one higher than any segment the writer has seen (a
+  Lamport clock), never a host's clock: a step back or two hosts' skew cannot put a ``submitted`` before
+  its ``intent``;
+- every intent carries the digest of its exact request
+  (:func:`~airflow_provider_imagen.api.models.request_digest`) and an attempt id that its outcome
+  names. An intent with another digest than the key's starts a new *generation*: the request changed
+  (an edited prompt), so nothing of the old one is re-attached, while what the old one cost stays
+  counted;
+- a request that was provably not created (401, 400, 402, a 429 or a refused connection after retries,
+  or a POST never sent) gets a ``rejected`` record, which clears its intent so a later try may submit
+  it again;
+- compaction writes a snapshot that names the segments it holds; a reader skips what a later snapshot
+  holds, so two readers compacting at once never make a record count twice;
+- at most one try pays at a time: see :mod:`airflow_provider_imagen.batch.fence`.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
 
+from airflow_provider_imagen.batch import fence
+from airflow_provider_imagen.batch.fence import FencedError, Lease
 from airflow_provider_imagen.batch.storage import as_path, read_bytes, write_whole
 
 log = logging.getLogger(__name__)
@@ -54,10 +68,22 @@ RECORD_KINDS: Final[tuple[str, ...]] = (
 #: ``/``: prompt ids with one are invalid).
 TRY_KEY: Final = "/try"
 _SEGMENT_SUFFIX: Final = ".jsonl"
+#: Kind of a snapshot's first line: the names of the segments it holds.
+HOLDS: Final = "_holds"
+#: This process's part of segment names: two writers with the same sequence number never collide.
+_WRITER: Final = uuid.uuid4().hex[:8]
 #: Reads restarted when a segment vanishes mid-read (a concurrent compaction).
 _LOAD_ATTEMPTS: Final = 5
 #: Compact the journal into one snapshot when a read finds more segments than this.
 DEFAULT_COMPACT_OVER: Final = 200
+
+
+#: Outcomes of one submit attempt (one intent): sent and answered, sent with no answer, or provably
+#: nothing created.
+PENDING: Final = "pending"
+AMBIGUOUS: Final = "ambiguous"
+SUBMITTED: Final = "submitted"
+REJECTED: Final = "rejected"
 
 
 @dataclass
@@ -65,10 +91,14 @@ class JournalEntry:
     """Everything the journal knows about one request, folded from its records."""
 
     key: str
+    #: Digest of the request of the current generation (``None`` in journals written without one).
+    digest: str | None = None
+    #: Attempt id → its outcome (:data:`PENDING`, :data:`AMBIGUOUS`, :data:`SUBMITTED`, :data:`REJECTED`).
+    attempts: dict[str, str] = field(default_factory=dict)
+    #: Attempt id → when its intent was written (epoch seconds; for "paid in this try" counts only).
+    attempted_at: dict[str, float] = field(default_factory=dict)
     #: Task ids received for this request; more than one only after an explicit resubmit.
     task_ids: list[str] = field(default_factory=list)
-    #: True while the last intent has neither a task id nor a rejection after it.
-    pending_intent: bool = False
     #: Why the last submit's outcome is unknown, when it is.
     ambiguous_reason: str | None = None
     submitted_at: float | None = None
@@ -79,10 +109,10 @@ class JournalEntry:
     completed_at: float | None = None
     #: Where the image was mirrored: uri, sha256, width, height, size_bytes, content_type.
     mirrored: dict[str, Any] | None = None
+    #: Why the mirrored image is not what was asked for (its pixel size), when it is not.
+    mismatch: str | None = None
     #: Set when a deadline passed while the task was still processing.
     timed_out_at: float | None = None
-    #: POSTs whose outcome was unknown: each may have been charged.
-    ambiguous_count: int = 0
     #: Why the last submit was rejected, and when (a rejection clears the intent).
     rejected_reason: str | None = None
     rejected_at: float | None = None
@@ -92,7 +122,12 @@ class JournalEntry:
     expired: bool = False
     #: The failure cannot improve by asking again (expired URL, not an image): never retried.
     mirror_final: bool = False
-    #: For :data:`TRY_KEY` only: the latest try's clock (started_at, deadline, budget).
+    #: Earlier generations of this key (the request changed): digest, task id, image URI, charged POSTs.
+    replaced: list[dict[str, Any]] = field(default_factory=list)
+    #: POSTs of earlier generations that may have been charged and not refunded.
+    earlier_charged: int = 0
+    #: For :data:`TRY_KEY` only: each try's clock by its lease epoch, and the latest one.
+    clocks: dict[int, dict[str, Any]] = field(default_factory=dict)
     clock: dict[str, Any] | None = None
 
     @property
@@ -101,44 +136,74 @@ class JournalEntry:
         return self.task_ids[-1] if self.task_ids else None
 
     @property
+    def pending_intent(self) -> bool:
+        """Return whether a POST may have been paid for without our knowing its task id."""
+        return not self.task_ids and any(o in (PENDING, AMBIGUOUS) for o in self.attempts.values())
+
+    #: The state's name in the manifest and the docs.
+    unknown_submit = pending_intent
+
+    @property
+    def ambiguous_count(self) -> int:
+        """Return how many POSTs were sent and never answered."""
+        return sum(1 for outcome in self.attempts.values() if outcome == AMBIGUOUS)
+
+    @property
     def charged_submits(self) -> int:
         """Return how many POSTs for this request may have been charged and not refunded.
 
-        Every task id counts, but the latest one not if it ended ``failed``/``not_found`` (refunded);
-        every ambiguous POST counts; so does an intent a crash left without any answer.
+        Every attempt counts unless the API provably created nothing (``rejected``), across every
+        generation of the key; the latest task not if it ended ``failed``/``not_found`` (refunded). A
+        try that crashed between its intent and the answer counts, so a resubmit counts twice: the
+        first POST may have been paid.
         """
-        refunded = 1 if self.status in ("failed", "not_found") else 0
-        crashed = 1 if self.pending_intent and self.ambiguous_reason is None else 0
-        return len(self.task_ids) - refunded + self.ambiguous_count + crashed
+        refunded = 1 if self.task_ids and self.status in ("failed", "not_found") else 0
+        sent = sum(1 for outcome in self.attempts.values() if outcome != REJECTED)
+        # Every task id is a POST that was answered, whether or not its intent is known here.
+        return self.earlier_charged + max(sent, len(self.task_ids)) - refunded
 
-    @property
-    def unknown_submit(self) -> bool:
-        """Return whether a POST may have been paid for without our knowing its task id."""
-        return self.pending_intent
+    def charged_since(self, since: float) -> int:
+        """Return the POSTs made at or after ``since`` that may have been charged and not refunded."""
+        sent = [a for a, o in self.attempts.items() if o != REJECTED and self.attempted_at.get(a, 0) >= since]
+        refunded = 1 if sent and self.task_ids and self.status in ("failed", "not_found") else 0
+        return len(sent) - refunded
+
+    def matches(self, digest: str | None) -> bool:
+        """Return whether this entry's request is ``digest`` (journals without digests always match)."""
+        return digest is None or self.digest is None or self.digest == digest
 
     def apply(self, record: Mapping[str, Any]) -> None:
         """Fold one record into this entry."""
         kind = record["e"]
+        attempt = record.get("a")
         if kind == "intent":
-            self.pending_intent = True
-            self.ambiguous_reason = None
-            self.rejected_reason = self.rejected_at = None
+            digest = record.get("d")
+            if digest is not None and not self.matches(digest) and self.attempts:
+                self._new_generation()
+            if digest is not None:
+                self.digest = digest
+            attempt = attempt or f"#{len(self.attempts)}"
+            if attempt not in self.attempts:
+                self.attempts[attempt] = PENDING
+                self.attempted_at[attempt] = record.get("ts") or 0.0
+                self.ambiguous_reason = None
+                self.rejected_reason = self.rejected_at = None
         elif kind == "submitted":
-            self.pending_intent = False
-            if record["task_id"] not in self.task_ids:
+            if self._settle(attempt, SUBMITTED) and record["task_id"] not in self.task_ids:
                 self.task_ids.append(record["task_id"])
-            self.submitted_at = record.get("ts")
-            # A new task starts with no outcome of its own.
-            self.status = self.error_code = self.error_message = self.completed_at = self.mirrored = None
-            self.timed_out_at = self.mirror_error = self.mirror_failed_at = None
-            self.expired = self.mirror_final = False
+                self.submitted_at = record.get("ts")
+                # A new task starts with no outcome of its own.
+                self.status = self.error_code = self.error_message = self.completed_at = None
+                self.mirrored = self.mismatch = None
+                self.timed_out_at = self.mirror_error = self.mirror_failed_at = None
+                self.expired = self.mirror_final = False
         elif kind == "rejected":
-            self.pending_intent = False
-            self.rejected_reason = record.get("reason")
-            self.rejected_at = record.get("ts")
+            if self._settle(attempt, REJECTED):
+                self.rejected_reason = record.get("reason")
+                self.rejected_at = record.get("ts")
         elif kind == "ambiguous":
-            self.ambiguous_reason = record.get("reason")
-            self.ambiguous_count += 1
+            if self._settle(attempt, AMBIGUOUS):
+                self.ambiguous_reason = record.get("reason")
         elif kind == "terminal":
             if record.get("task_id") == self.task_id:
                 self.status = record["status"]
@@ -148,6 +213,7 @@ class JournalEntry:
         elif kind == "mirrored":
             if record.get("task_id") == self.task_id:
                 self.mirrored = record["image"]
+                self.mismatch = record.get("mismatch")
                 self.mirror_error = self.mirror_failed_at = None
         elif kind == "mirror_failed":
             if record.get("task_id") == self.task_id:
@@ -156,9 +222,41 @@ class JournalEntry:
                 self.expired = bool(record.get("expired"))
                 self.mirror_final = self.expired or bool(record.get("final"))
         elif kind == "try":
-            self.clock = {k: v for k, v in record.items() if k not in ("e", "k", "ts")}
+            clock = {k: v for k, v in record.items() if k not in ("e", "k", "ts", "epoch")}
+            self.clocks[int(record.get("epoch") or 0)] = clock
+            self.clock = clock
         elif kind == "timeout" and record.get("task_id") == self.task_id:
             self.timed_out_at = record.get("ts")
+
+    def _settle(self, attempt: str | None, outcome: str) -> bool:
+        """Record ``outcome`` for ``attempt``; return ``False`` when it is not of this generation.
+
+        Records without attempt ids (older journals) answer the latest intent. An outcome naming an
+        attempt this generation never made answers a request that has since changed: what it cost was
+        counted when the generation was set aside, and its task is not the current request's.
+        """
+        if attempt is None:
+            attempt = next(reversed(self.attempts)) if self.attempts else "#0"
+        elif attempt not in self.attempts:
+            return False
+        self.attempts[attempt] = outcome
+        return True
+
+    def _new_generation(self) -> None:
+        """Set the current request aside: it changed, so nothing of it is re-attached to the new one."""
+        self.replaced.append(
+            {
+                "digest": self.digest,
+                "task_id": self.task_id,
+                "status": self.status,
+                "image_uri": (self.mirrored or {}).get("uri"),
+                "charged": self.charged_submits - self.earlier_charged,
+            }
+        )
+        kept = (self.replaced, self.charged_submits)
+        fresh = JournalEntry(self.key)
+        self.__dict__.update(fresh.__dict__)
+        self.replaced, self.earlier_charged = kept
 
 
 class JournalReadError(RuntimeError):
@@ -189,6 +287,10 @@ class Journal:
         self.compact_over = compact_over
         #: Segments this object wrote since it last read the journal.
         self.appended = 0
+        #: The next segment's sequence number; ``None`` until the journal's segments were listed.
+        self._next_seq: int | None = None
+        #: The try this object writes for; every paid POST checks it first (see :meth:`claim`).
+        self.lease: Lease | None = None
         self.path = as_path(root) / _part(dag_id) / _part(run_id) / _part(task_id) / f"map_{map_index}"
 
     @classmethod
@@ -206,6 +308,32 @@ class Journal:
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r})"
 
+    # -- the try that may pay -----------------------------------------------------------------------
+
+    def claim(self, owner: str, **facts: Any) -> Lease:
+        """Make this try the journal's only payer: any older try stops before its next POST."""
+        self.lease = fence.claim(self.path, owner=owner, **facts)
+        return self.lease
+
+    def resume(self, owner: str, epoch: int | None = None) -> Lease:
+        """Take back the lease a try claimed before it deferred; raise if a newer try claimed since.
+
+        :raises FencedError: the lease is not found or a newer one exists.
+        """
+        lease = fence.find(self.path, owner=owner, epoch=epoch)
+        if lease is None:
+            raise FencedError(
+                f"this try holds no lease on the journal at {self.path} (owner {owner}); it stops here"
+            )
+        lease.check()
+        self.lease = lease
+        return lease
+
+    def check_lease(self) -> None:
+        """Raise :class:`FencedError` when a newer try owns the journal (no-op without a lease)."""
+        if self.lease is not None:
+            self.lease.check()
+
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> dict[str, JournalEntry]:
@@ -213,7 +341,7 @@ class Journal:
 
         An absent journal is empty; an unreadable segment raises :class:`JournalReadError`. A segment
         that vanishes while we read (another pass compacted it into a snapshot) restarts the read, so
-        no record is ever missed.
+        no record is ever missed; what a later snapshot holds is skipped, so none counts twice.
         """
         for _ in range(_LOAD_ATTEMPTS):
             segments = self._segments()
@@ -221,11 +349,13 @@ class Journal:
                 texts = [(segment, self._read(segment)) for segment in segments]
             except FileNotFoundError:
                 continue
+            live = _without_held(texts)
             entries: dict[str, JournalEntry] = {}
-            for segment, text in texts:
+            for segment, text in live:
                 _fold_text(entries, segment, text)
+            self._next_seq = max(self._next_seq or 0, *(_seq(p.name) + 1 for p in segments), 1)
             if len(segments) > self.compact_over:
-                self._compact(texts)
+                self._compact(live)
             self.appended = 0
             return entries
         raise JournalReadError(f"{self.path}: segments kept vanishing while reading ({_LOAD_ATTEMPTS} tries)")
@@ -242,11 +372,17 @@ class Journal:
     def _compact(self, texts: list[tuple[ObjectStoragePath, str]]) -> None:
         """Replace many small segments by one snapshot at the same place in the order.
 
-        The snapshot is written (whole) before any segment is deleted, and sorts right after the last
-        segment it holds and before any later one, so the fold is unchanged for every reader.
+        The snapshot is written (whole) before any segment is deleted, sorts right after the last
+        segment it holds and before any later one, and opens with the names of everything it holds: a
+        reader that finds both the snapshot and a segment (or an older snapshot) it holds skips the
+        latter, so two readers compacting at once never double a record.
         """
+        held = sorted({name for segment, text in texts for name in (segment.name, *_holds(text))})
         last = texts[-1][0].name.removesuffix(_SEGMENT_SUFFIX)
-        body = "".join(text if text.endswith("\n") else text + "\n" for _, text in texts)
+        header = json.dumps({"e": HOLDS, "names": held}, separators=(",", ":")) + "\n"
+        body = header + "".join(
+            _records_of(text) + ("" if _records_of(text).endswith("\n") else "\n") for _, text in texts
+        )
         write_whole(self.path / f"{last}~{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}", body.encode("utf-8"))
         for segment, _ in texts:
             with contextlib.suppress(FileNotFoundError):
@@ -272,7 +408,10 @@ class Journal:
             lines.append(json.dumps(dict(record), ensure_ascii=False, separators=(",", ":")))
         if not lines:
             return
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{_SEGMENT_SUFFIX}"
+        if self._next_seq is None:  # never listed: continue after what is there
+            self._next_seq = max((_seq(p.name) + 1 for p in self._segments()), default=1)
+        name = f"{self._next_seq:020d}-{_WRITER}-{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}"
+        self._next_seq += 1
         write_whole(self.path / name, ("\n".join(lines) + "\n").encode("utf-8"))
         self.appended += 1
 
@@ -288,9 +427,39 @@ def _part(value: str) -> str:
     return quoted if quoted not in (".", "..", "") else quoted.replace(".", "%2E") or "%00"
 
 
+def _seq(name: str) -> int:
+    """Return the sequence number a segment's name starts with (0 for a name without one)."""
+    digits = name[: len(name) - len(name.lstrip("0123456789"))]
+    return int(digits) if digits else 0
+
+
+def _holds(text: str) -> list[str]:
+    """Return the names a snapshot's first line says it holds (none for a plain segment)."""
+    if not text.startswith('{"e":"' + HOLDS + '"'):
+        return []
+    first = text.split("\n", 1)[0]
+    try:
+        return list(json.loads(first)["names"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JournalReadError(f"a journal snapshot's header is unreadable: {exc}") from exc
+
+
+def _records_of(text: str) -> str:
+    """Return a segment's text without a snapshot header."""
+    return text.split("\n", 1)[1] if _holds(text) else text
+
+
+def _without_held(texts: list[tuple[ObjectStoragePath, str]]) -> list[tuple[ObjectStoragePath, str]]:
+    """Drop every segment or snapshot that a snapshot (other than itself) holds."""
+    held: set[str] = set()
+    for _, text in texts:
+        held.update(_holds(text))
+    return [(segment, text) for segment, text in texts if segment.name not in held]
+
+
 def _fold_text(entries: dict[str, JournalEntry], segment: ObjectStoragePath, text: str) -> None:
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or (number == 1 and line.startswith('{"e":"' + HOLDS + '"')):
             continue
         try:
             record = json.loads(line)

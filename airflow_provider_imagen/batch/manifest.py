@@ -8,11 +8,15 @@ Invariants:
 - the schema lives here and only here (:data:`MANIFEST_SCHEMA`, version :data:`SCHEMA_VERSION` in the
   Parquet metadata); changing a field is a deliberate, versioned act, and a test pins it;
 - every row's ``status`` is one of :data:`STATUSES`; the writer refuses anything else;
-- ``credits`` follows from the status alone (:func:`credits_for`), so the manifest's total is what the
-  API charged, including images that were paid for and lost;
+- a row's ``credits`` are 46 × the POSTs of its request that may have been charged and not refunded
+  (:attr:`~airflow_provider_imagen.batch.journal.JournalEntry.charged_submits`), whenever they were
+  paid: so the manifest's total is what the API charged, including images paid for and lost, and is
+  higher, never lower, only where a POST's fate is unknown. Without such extra POSTs a row's credits
+  are :func:`credits_for` its status;
 - a manifest is written whole or not at all (:func:`write_whole`): readers never see half a file;
-- its path depends only on the task instance's identity, never on the try, so a retry overwrites the
-  manifest of an earlier try of the same task instance instead of leaving two.
+- its path depends only on the task instance's identity, never on the try. A later try, or a rerun
+  that reuses the run id, *merges* into it (:func:`merge_rows`): its rows replace those of the same
+  image, and the others stay, so a manifest never loses a row that names a paid image.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ ManifestStatus = Literal[
     "download_failed",
     "not_submitted",
     "rejected",
+    "wrong_size",
 ]
 #: Every status a manifest row may have, in this order in counts.
 STATUSES: Final[tuple[str, ...]] = get_args(ManifestStatus)
@@ -91,11 +96,16 @@ NOT_SUBMITTED: Final = "not_submitted"
 #: task sends it again.
 REJECTED: Final = "rejected"
 
+#: The task completed and the image was mirrored, but its pixel size is not what Imagen 4 makes for the
+#: requested ratio; ``error_message`` has both sizes. Charged; kept at ``image_uri`` for a look, and
+#: never counted as ``completed``.
+WRONG_SIZE: Final = "wrong_size"
+
 #: Statuses that cost :data:`CREDITS_PER_IMAGE`: a task was (or, for an ambiguous POST, may have been)
 #: created and not refunded. Every other status costs 0: refunded by the API (failed, moderated), never
 #: sent (invalid, skipped_budget), or unknown to the API (not_found).
 CHARGED_STATUSES: Final[frozenset[str]] = frozenset(
-    {COMPLETED, UNKNOWN_SUBMIT, TIMEOUT, EXPIRED, DOWNLOAD_FAILED}
+    {COMPLETED, UNKNOWN_SUBMIT, TIMEOUT, EXPIRED, DOWNLOAD_FAILED, WRONG_SIZE}
 )
 
 _UTC: Final = dt.timezone.utc
@@ -195,10 +205,13 @@ def manifest_row(
     mirrored: Mapping[str, Any] = {}
     error_code: int | None = None
     error_message: str | None = None
+    earlier = entry if entry is not None and not entry.matches(spec.digest) else None
+    if earlier is not None:
+        entry = None  # the journal's request is not this spec's: nothing of it describes this row
     if not spec.valid:
         status: str = INVALID
         error_message = spec.invalid_reason
-        entry = None
+        entry = earlier = None
     elif override_status is not None:
         _check_status(override_status)
         status = override_status
@@ -215,7 +228,9 @@ def manifest_row(
         status = UNKNOWN_SUBMIT
         error_message = entry.ambiguous_reason or "the submit's outcome is unknown; assumed charged"
     elif entry.status == "completed":
-        if entry.mirrored:
+        if entry.mirrored and entry.mismatch:
+            status, mirrored, error_message = WRONG_SIZE, entry.mirrored, entry.mismatch
+        elif entry.mirrored:
             status, mirrored = COMPLETED, entry.mirrored
         else:
             status = DOWNLOAD_FAILED
@@ -232,6 +247,16 @@ def manifest_row(
         if entry.timed_out_at is not None:
             when = _timestamp(entry.timed_out_at)
             error_message = f"still processing when the deadline passed ({when:%Y-%m-%d %H:%M:%S} UTC)"
+    source = entry or earlier
+    credits = CREDITS_PER_IMAGE * source.charged_submits if source is not None else credits_for(status)
+    replaced = source.replaced if source is not None else []
+    if earlier is not None:
+        replaced = [*replaced, {"task_id": earlier.task_id, "image_uri": (earlier.mirrored or {}).get("uri")}]
+    if replaced:
+        old = replaced[-1]
+        where = f", its image stays at {old['image_uri']}" if old.get("image_uri") else ""
+        note = f"the request changed since task {old.get('task_id') or '(unknown)'} was paid for{where}"
+        error_message = f"{error_message}; {note}" if error_message else note
     return {
         "prompt_id": spec.prompt_id,
         "variation": spec.variation,
@@ -246,7 +271,7 @@ def manifest_row(
         "width": mirrored.get("width"),
         "height": mirrored.get("height"),
         "bytes": mirrored.get("size_bytes"),
-        "credits": CREDITS_PER_IMAGE if status in CHARGED_STATUSES else 0,
+        "credits": credits,
         "submitted_at": _timestamp(entry.submitted_at) if entry is not None else None,
         "completed_at": _timestamp(entry.completed_at) if entry is not None else None,
         "row": spec.row,
@@ -267,6 +292,29 @@ def _check_status(status: object) -> None:
 
 
 # -- writing and reading -----------------------------------------------------------------------------
+
+
+def merge_rows(rows: Iterable[Mapping[str, Any]], dest: ObjectStoragePath | str) -> list[Mapping[str, Any]]:
+    """Return ``rows`` plus every row of the manifest already at ``dest`` that they do not replace.
+
+    A row replaces the earlier row of the same image (prompt id, size, variation). A later try of the
+    task, or a rerun that reuses the run id with a smaller table (only the rows that changed), so never
+    writes a manifest that forgets an image an earlier one listed and paid for.
+    """
+    rows = list(rows)
+    try:
+        data = read_bytes(as_path(dest))
+    except FileNotFoundError:
+        return rows
+    earlier = pq.ParquetFile(pa.BufferReader(data)).read().to_pylist()
+    mine = {(row["prompt_id"], row["size"], row["variation"]) for row in rows}
+    known = set(MANIFEST_COLUMNS)
+    kept = [
+        {k: v for k, v in row.items() if k in known}
+        for row in earlier
+        if (row.get("prompt_id"), row.get("size"), row.get("variation")) not in mine
+    ]
+    return [*rows, *kept]
 
 
 def manifest_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

@@ -43,16 +43,18 @@ class MirroredImage:
         return asdict(self)
 
 
-def image_file_name(prompt_id: str, size: str, variation: int = 0) -> str:
-    """Return a safe, collision-free file name for one requested image.
+def image_file_name(prompt_id: str, size: str, variation: int = 0, task_id: str | None = None) -> str:
+    """Return a safe file name for one paid image that no other task's image can take.
 
     The readable part keeps only ``[A-Za-z0-9._-]`` from the prompt id (so ``../`` or ``/`` cannot
     escape the output folder); a hash of the exact (prompt_id, size, variation) keeps two ids that
-    slug alike apart.
+    slug alike apart; the reAPI task id (unique per paid task) keeps every run, try and task that
+    writes to the same folder from overwriting an image another one paid for and listed.
     """
     slug = _UNSAFE.sub("_", str(prompt_id)).strip("._")[:_MAX_SLUG] or "image"
     digest = hashlib.sha256(f"{prompt_id}\x1f{size}\x1f{variation}".encode()).hexdigest()[:10]
-    return f"{slug}__{size.replace(':', 'x')}__v{variation}__{digest}.png"
+    paid = f"__{_UNSAFE.sub('_', task_id)[:_MAX_SLUG]}" if task_id else ""
+    return f"{slug}__{size.replace(':', 'x')}__v{variation}__{digest}{paid}.png"
 
 
 def mirror_image(

@@ -71,4 +71,21 @@ def write_whole(dest: ObjectStoragePath, data: bytes) -> None:
     scratch = os.path.join(folder, f".{os.path.basename(name)}.{uuid.uuid4().hex[:8]}.tmp")
     with open(scratch, "wb") as handle:
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())  # the data, before the name: a crash never leaves a named empty file
     os.replace(scratch, name)
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or a new name in ``folder`` survive a power cut (no-op where folders cannot be)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (and Windows) refuse to fsync a folder; the file itself was synced
+    finally:
+        os.close(fd)

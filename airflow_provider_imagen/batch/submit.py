@@ -3,9 +3,13 @@
 Why a module of its own: the single-image operator and the batch window must follow exactly the same
 steps, and this is the one place that spends money. Invariants:
 - the intents of a chunk are durable before its first POST;
-- whatever happens (an exception, a stop on 402), every key of the chunk leaves with a record:
-  ``submitted`` (with its id), ``rejected`` (provably nothing created, including "never sent"), or its
-  intent left pending with an ``ambiguous`` reason (the POST may have been paid for);
+- whatever happens (an exception, a stop on 402, an interrupt from Airflow: ``execution_timeout``'s
+  timeout, SIGTERM from a clear, KeyboardInterrupt), every key of the chunk leaves with a record:
+  ``submitted`` (with its id), ``rejected`` (provably nothing created: never sent), or ``ambiguous``
+  (the POST may have been paid for). The key whose POST was on the wire when an interrupt came is
+  ambiguous, never "not sent";
+- each intent names its attempt and the digest of its request, and each outcome names the attempt;
+- before each POST the try checks it still owns the journal (:mod:`airflow_provider_imagen.batch.fence`);
 - nothing here retries a POST: the client already retried those that provably created nothing.
 """
 
@@ -16,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +33,7 @@ from airflow_provider_imagen.api.errors import (
     InsufficientCreditsError,
 )
 from airflow_provider_imagen.api.models import ImageRequest
+from airflow_provider_imagen.batch.fence import FencedError
 from airflow_provider_imagen.batch.journal import Journal, record
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ class SubmitReport:
     rejected: dict[str, Exception] = field(default_factory=dict)
     #: Set when the account ran out of credits; the caller should stop submitting.
     out_of_credits: InsufficientCreditsError | None = None
+    #: Set when a newer try owns the journal; this try must stop.
+    fenced: FencedError | None = None
     #: Every journal record written for the chunk, in order (callers fold them instead of re-reading).
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -82,6 +90,7 @@ def submit_chunk(
     journal: Journal,
     requests: Mapping[str, ImageRequest],
     *,
+    digests: Mapping[str, str | None] | None = None,
     attempts: Mapping[str, int] | None = None,
     pace: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -89,23 +98,38 @@ def submit_chunk(
     """Journal the intents, POST each request once, journal what came back.
 
     :param requests: key → request, in submit order.
+    :param digests: key → :func:`~airflow_provider_imagen.api.models.request_digest` of the request
+        (default: the request's own, as variation 0).
     :param attempts: key → how many task ids the key already has (for the idempotency key).
     :param pace: called before each POST; blocks as long as the submit rate bound requires.
     :param should_stop: checked before each POST; when true, the rest of the chunk is not sent (another
-        chunk ran out of credits).
+        chunk ran out of credits, or the try is stopping).
+    :raises FencedError: a newer try owns the journal; nothing more was sent (the outcomes are written).
     """
     report = SubmitReport()
     if not requests:
         return report
-    intents = [record("intent", key) for key in requests]
+    ids = {key: uuid.uuid4().hex[:12] for key in requests}
+    intents = [
+        record("intent", key, a=ids[key], d=(digests or {}).get(key) or request.digest())
+        for key, request in requests.items()
+    ]
     journal.append(intents)
     report.records += intents
+    on_the_wire: str | None = None
+    interrupted: BaseException | None = None
     try:
         for key, request in requests.items():
             if report.out_of_credits is not None or (should_stop is not None and should_stop()):
                 break
             if pace is not None:
                 pace()
+            try:
+                journal.check_lease()
+            except FencedError as exc:
+                report.fenced = exc
+                break
+            on_the_wire = key
             try:
                 task = client.submit(
                     request, idempotency_key=idempotency_key(journal, key, (attempts or {}).get(key, 0))
@@ -120,18 +144,32 @@ def submit_chunk(
                 report.rejected[key] = exc
             else:
                 report.submitted[key] = task.id
+            on_the_wire = None
+    except BaseException as exc:
+        interrupted = exc
+        raise
     finally:
+        if on_the_wire is not None:
+            # Interrupted while the POST was sent or awaited: the API may have created and charged it.
+            why = type(interrupted).__name__ if interrupted is not None else "the submit loop stopped"
+            report.ambiguous[on_the_wire] = f"interrupted ({why}) while the POST was on the wire"
         unsent = [k for k in requests if k not in report.submitted and k not in report.ambiguous]
         for key in unsent:
-            report.rejected.setdefault(key, RuntimeError("not sent: the submit loop stopped first"))
+            report.rejected.setdefault(key, NotSentError("not sent: the submit loop stopped first"))
         outcomes = (
-            [record("submitted", key, task_id=tid) for key, tid in report.submitted.items()]
-            + [record("ambiguous", key, reason=reason) for key, reason in report.ambiguous.items()]
+            [record("submitted", key, a=ids[key], task_id=tid) for key, tid in report.submitted.items()]
+            + [record("ambiguous", key, a=ids[key], reason=why) for key, why in report.ambiguous.items()]
             + [
-                record("rejected", key, reason=f"{type(error).__name__}: {error}")
+                record("rejected", key, a=ids[key], reason=f"{type(error).__name__}: {error}")
                 for key, error in report.rejected.items()
             ]
         )
         journal.append(outcomes)
         report.records += outcomes
+    if report.fenced is not None:
+        raise report.fenced
     return report
+
+
+class NotSentError(RuntimeError):
+    """The POST was never sent: the submit loop stopped before its turn. Nothing was created."""

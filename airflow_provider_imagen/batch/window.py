@@ -10,6 +10,8 @@ Invariants:
 - the credits that may have been charged (``committed``) plus 46 per planned submit never exceed
   ``max_credits``;
 - an unknown submit is never planned again unless ``resubmit_unknown`` is set;
+- a journalled request whose digest differs from its spec's is planned as a new request, never
+  re-attached: an edited prompt must not be filed with the image of the old one;
 - specs are submitted in table order, so a budget cut keeps the first rows.
 """
 
@@ -97,6 +99,11 @@ def plan_window(
             unsent.append(spec)
             continue
         plan.committed += CREDITS_PER_IMAGE * entry.charged_submits
+        if not entry.matches(spec.digest):
+            # The request changed since it was paid for (an edited prompt): the old task's image is
+            # not this request's, so it is sent anew; what the old one cost stays committed.
+            unsent.append(spec)
+            continue
         if entry.unknown_submit:
             if resubmit_unknown:
                 unsent.append(spec)

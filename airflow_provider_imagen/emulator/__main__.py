@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, default=8930, help="port to bind; 0 picks a free one (default 8930)"
     )
-    parser.add_argument("--fast", action="store_true", help="latency 0.2 ± 0.1 s and quarter-size images")
+    parser.add_argument("--fast", action="store_true", help="latency 0.2 ± 0.1 s")
     for flag, dest, kind, text in _KNOBS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     parser.add_argument(

@@ -10,7 +10,7 @@ module adapts it to Airflow (deferral, XCom, Asset events, failure policy).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +27,13 @@ from airflow_provider_imagen.api.errors import (
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
 from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
-from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, record, resolve_journal_root
+from airflow_provider_imagen.batch.journal import (
+    TRY_KEY,
+    Journal,
+    JournalEntry,
+    record,
+    resolve_journal_root,
+)
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
@@ -83,6 +89,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         place is refilled as it frees (a triggerer round trip costs seconds of scheduling and leaves
         finished places empty). ``0`` always defers and frees the slot at every wait.
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
+    :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
+        2 % per side) as ``wrong_size`` instead of ``completed``.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
     """
@@ -118,6 +126,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         progress_interval: float = 30.0,
         linger: float = 5.0,
         journal_path: str | None = None,
+        check_pixel_size: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -157,6 +166,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             linger=linger,
             expected_render=expected_render,
             poll_interval=poll_interval,
+            check_pixel_size=check_pixel_size,
         )
         self.schedule = self.settings.schedule
 
@@ -167,33 +177,56 @@ class ImagenBatchGenerateOperator(BaseOperator):
         now = time.time()
         clock = RunClock(started_at=now, deadline=now + self.timeout, budget=self.settings.max_credits)
         client = self._client()
-        self._log_estimate(specs, clock, client)
+        balance = self._log_estimate(specs, clock, client)
+        journal = self._journal(context)
+        # Claim the journal before reading it: an older try that is still alive (a zombie, or a hand-run
+        # ``airflow tasks test``) stops before its next POST, and every intent it journalled before that
+        # check is in the read below, so this try never sends the same row again.
+        clock.epoch = journal.claim(
+            _try_owner(context), try_number=getattr(context["ti"], "try_number", None)
+        ).epoch
+        entries = journal.load()
+        if self.check_balance and balance is not None:
+            # The budget is compared with what this run's journal says was spent, earlier tries
+            # included; the balance already lacks that spend, so it is added back, counted once.
+            spent = CREDITS_PER_IMAGE * sum(e.charged_submits for key, e in entries.items() if key != TRY_KEY)
+            cap = spent + balance
+            clock.budget = cap if clock.budget is None else min(clock.budget, cap)
         # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
         # ``dag.test()`` drops them when it runs the trigger in-line.
-        self._journal(context).append([record("try", TRY_KEY, **clock.to_kwargs())])
-        return self._run(context, specs, clock, None, client=client)
+        tried = [record("try", TRY_KEY, **clock.to_kwargs())]
+        journal.append(tried)
+        entries.setdefault(TRY_KEY, JournalEntry(TRY_KEY)).apply(tried[0])
+        return self._run(context, journal, specs, clock, None, client=client, entries=entries)
 
     def execute_complete(
         self,
         context: Context,
         event: dict[str, Any] | None = None,
         progress_at: float = 0.0,
+        epoch: int | None = None,
         **_: Any,
     ) -> dict[str, Any]:
-        """Resume after the trigger: validate its event and run the next pass."""
+        """Resume after the trigger: check this try still owns the journal, validate the event, go on."""
         outcome = PollOutcome.from_event(event)
-        entries = self._journal(context).load()  # read once: the first pass starts from it too
+        journal = self._journal(context)
+        lease = journal.resume(_try_owner(context), epoch)
+        entries = journal.load()  # read once: the first pass starts from it too
         saved = entries.get(TRY_KEY)
-        if saved is None or saved.clock is None:
+        clocks = saved.clocks if saved is not None else {}
+        if lease.epoch not in clocks:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
-        clock = RunClock(**{**saved.clock, "progress_at": progress_at})
-        return self._run(context, self._specs(), clock, outcome, client=self._client(), entries=entries)
+        clock = RunClock(**{**clocks[lease.epoch], "progress_at": progress_at, "epoch": lease.epoch})
+        return self._run(
+            context, journal, self._specs(), clock, outcome, client=self._client(), entries=entries
+        )
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def _run(
         self,
         context: Context,
+        journal: Journal,
         specs: list[ImageSpec],
         clock: RunClock,
         outcome: PollOutcome | None,
@@ -201,7 +234,6 @@ class ImagenBatchGenerateOperator(BaseOperator):
         client: Any,
         entries: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        journal = self._journal(context)
         known: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
         while True:
@@ -222,7 +254,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             # store would otherwise leave thousands for the final read.
             entries = batch.entries if journal.appended <= journal.compact_over else None
             if isinstance(step, Finish):
-                return self._finish(context, specs, journal, step)
+                return self._finish(context, specs, journal, step, clock)
             if self.deferrable and step.linger is None:
                 self.defer(
                     trigger=ImagenTaskTrigger(
@@ -253,7 +285,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             sweep = False
 
     def _finish(
-        self, context: Context, specs: list[ImageSpec], journal: Journal, finish: Finish
+        self, context: Context, specs: list[ImageSpec], journal: Journal, finish: Finish, clock: RunClock
     ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.manifest import (
             RunIdentity,
@@ -261,6 +293,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             manifest_credits,
             manifest_path,
             manifest_row,
+            merge_rows,
             write_manifest,
         )
 
@@ -278,16 +311,29 @@ class ImagenBatchGenerateOperator(BaseOperator):
                     override_reason=reason,
                 )
             )
-        uri = write_manifest(rows, manifest_path(self.output_path, identity=identity))
-        counts = {k: v for k, v in manifest_counts(rows).items() if v}
-        credits = manifest_credits(rows)
-        result = {"manifest_uri": uri, "counts": counts, "credits": credits}
+        dest = manifest_path(self.output_path, identity=identity)
+        merged = merge_rows(rows, dest)
+        uri = write_manifest(merged, dest)
+        counts = {k: v for k, v in manifest_counts(merged).items() if v}
+        credits = manifest_credits(merged)
+        this_try = _this_try(specs, entries, clock.started_at)
+        result = {"manifest_uri": uri, "counts": counts, "credits": credits, "this_try": this_try}
         self.log.info(
-            "Manifest written to %s: %s; %d credits ($%.2f)%s.",
+            "This try: %d request(s) sent, %d re-attached to tasks paid earlier; paid now %d credits ($%.2f)",
+            this_try["submitted"],
+            this_try["reattached"],
+            this_try["credits"],
+            credits_to_usd(this_try["credits"]),
+        )
+        self.log.info(
+            "Manifest written to %s: %s; %d credits ($%.2f) for its images, whenever paid%s%s.",
             uri,
             ", ".join(f"{k} {v}" for k, v in counts.items()),
             credits,
             credits_to_usd(credits),
+            f"; {len(merged) - len(rows)} row(s) kept from an earlier manifest of this run"
+            if len(merged) > len(rows)
+            else "",
             f"; stopped early: {finish.stopped}" if finish.stopped else "",
         )
         for outlet in self.outlets:
@@ -370,7 +416,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             self.log.warning("%s", summarize_invalid(specs))
         return specs
 
-    def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> None:
+    def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> int | None:
+        """Log what the run would cost and read the balance (``None`` when nothing is to be sent)."""
         valid = sum(1 for s in specs if s.valid)
         cost = valid * CREDITS_PER_IMAGE
         self.log.info(
@@ -391,20 +438,49 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 valid,
             )
         if not valid:
-            return
+            return None
         # A free read first: a wrong key or an unreachable API fails here, before any POST is sent.
         balance = client.get_balance()
         self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))
-        if self.check_balance:
-            if balance < cost:
-                self.log.warning("The balance covers %d of %d images.", balance // CREDITS_PER_IMAGE, valid)
-            clock.budget = balance if clock.budget is None else min(clock.budget, balance)
+        if self.check_balance and balance < cost:
+            self.log.warning("The balance covers %d of %d images.", balance // CREDITS_PER_IMAGE, valid)
+        return balance
 
     def _client(self) -> Any:
         return ImagenHook(self.imagen_conn_id).get_conn()
 
     def _journal(self, context: Context) -> Journal:
         return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
+
+
+def _try_owner(context: Context) -> str:
+    """Return what names this try of the task instance (Airflow 3 gives each try its own id)."""
+    ti = context["ti"]
+    ti_id = getattr(ti, "id", None)
+    if ti_id:
+        return str(ti_id)
+    return (
+        f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{getattr(ti, 'map_index', -1)}/{getattr(ti, 'try_number', 0)}"
+    )
+
+
+def _this_try(
+    specs: Sequence[ImageSpec], entries: Mapping[str, JournalEntry], since: float
+) -> dict[str, int]:
+    """Count what this try did, apart from what earlier tries paid for (the manifest counts both)."""
+    sent = reattached = paid = 0
+    for spec in specs:
+        entry = entries.get(spec.key)
+        if entry is None or not spec.valid:
+            continue
+        now = entry.charged_since(since)
+        paid += now
+        sent += sum(
+            1 for a, o in entry.attempts.items() if o != "rejected" and entry.attempted_at.get(a, 0) >= since
+        )
+        if entry.task_id and (entry.submitted_at or 0) < since and entry.matches(spec.digest):
+            reattached += 1
+    return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}
 
 
 def manifests_asset_uri(output_path: str) -> str:

@@ -100,10 +100,12 @@ class TestSchema:
             "download_failed",
             "not_submitted",
             "rejected",
+            "wrong_size",
         )
 
     def test_the_credits_rule(self) -> None:
         assert {s: credits_for(s) for s in STATUSES} == {
+            "wrong_size": 46,
             "completed": 46,
             "unknown_submit": 46,
             "timeout": 46,
@@ -158,22 +160,25 @@ class TestStatusDerivation:
             ),
             (submitted(), "timeout", {"error_message": "still processing when the run ended"}),
             (
-                entry(pending_intent=True, ambiguous_reason="timeout after the request was sent"),
+                entry(attempts={"a1": "ambiguous"}, ambiguous_reason="timeout after the request was sent"),
                 "unknown_submit",
                 {"task_id": None, "error_message": "timeout after the request was sent"},
             ),
             (
-                # An explicit resubmit whose second POST is ambiguous: the ambiguity wins.
-                submitted(pending_intent=True, status="completed", mirrored=IMAGE),
-                "unknown_submit",
-                {"task_id": "task_0123"},
+                # A second POST left without an answer (a zombie try's) beside a known task: the row
+                # follows the task, and its credits count both POSTs.
+                submitted(
+                    attempts={"a1": "submitted", "a2": "pending"}, status="completed", mirrored=IMAGE
+                ),
+                "completed",
+                {"task_id": "task_0123", "credits": 92},
             ),
         ],
     )
     def test_from_the_journal(self, journal: JournalEntry, status: str, extra: dict[str, Any]) -> None:
         row = manifest_row(spec(), journal, identity=IDENTITY)
         assert row["status"] == status
-        assert row["credits"] == credits_for(status)
+        assert row["credits"] == extra.get("credits", credits_for(status))
         for name, value in extra.items():
             assert row[name] == value, name
         expected_task = None if journal.task_id is None else "task_0123"
@@ -277,6 +282,7 @@ class TestWriteAndRead:
 
         assert manifest_counts(frame) == manifest_counts(rows)
         assert manifest_counts(rows) == {
+            "wrong_size": 0,
             "completed": 1,
             "failed": 0,
             "moderated": 1,

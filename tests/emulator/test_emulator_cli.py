@@ -29,7 +29,7 @@ def test_flags_map_to_config() -> None:
     assert config.image_scale == 1.0
 
     fast = config_from_args(build_parser().parse_args(["--fast", "--latency-mean", "0.5"]))
-    assert (fast.latency_mean, fast.latency_jitter, fast.image_scale) == (0.5, 0.1, 0.25)
+    assert (fast.latency_mean, fast.latency_jitter, fast.image_scale) == (0.5, 0.1, 1.0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -62,7 +62,7 @@ def test_config_defaults_and_fast() -> None:
     assert config.image_scale == 1.0 and config.image_ttl == 86400
     assert config.starting_balance == 1_000_000
     fast = EmulatorConfig.fast(seed=7)
-    assert (fast.latency_mean, fast.latency_jitter, fast.image_scale, fast.seed) == (0.2, 0.1, 0.25, 7)
+    assert (fast.latency_mean, fast.latency_jitter, fast.image_scale, fast.seed) == (0.2, 0.1, 1.0, 7)
 
 
 def test_config_coerces_json_values_and_round_trips() -> None:

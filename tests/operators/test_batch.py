@@ -92,7 +92,8 @@ def test_300_rows_manifest_matches_the_ledger_row_by_row(
     assert result["credits"] == ledger["net_credits"]
     assert result["counts"]["moderated"] == ledger["status_counts"]["moderated"] > 0
     assert result["counts"]["failed"] == ledger["status_counts"]["failed"] > 0
-    assert set(result) == {"manifest_uri", "counts", "credits"}
+    assert set(result) == {"manifest_uri", "counts", "credits", "this_try"}
+    assert result["this_try"] == {"submitted": 300, "reattached": 0, "credits": ledger["net_credits"]}
     assert caplog.text.count("running trigger in line") >= 3  # deferred between refills
 
 

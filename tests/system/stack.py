@@ -179,11 +179,11 @@ class Emulator(Component):
         self.post("/_emulator/reset", {})
 
 
-#: The emulator's knobs every test starts from: ~0.5 s renders, small images, no faults.
+#: The emulator's knobs every test starts from: ~0.5 s renders, Imagen 4's pixel sizes, no faults.
 BASE_EMULATOR: dict[str, Any] = {
     "latency_mean": 0.5,
     "latency_jitter": 0.2,
-    "image_scale": 0.1,
+    "image_scale": 1.0,
     "image_ttl": 86400.0,
     "starting_balance": 1_000_000,
     "moderation_rate": 0.0,

@@ -368,7 +368,7 @@ def test_s3_down_during_mirroring_then_back(stack: Stack, workdir: Path, s3_serv
     """Output and journal on S3 (a moto server). When the task comes back to mirror, the S3 endpoint is
     stopped for 6 s, then started again with its data: the storage client's retries carry the writes
     over the gap. Every image ends up on S3 and in the manifest; nothing is paid twice."""
-    stack.emulator.reset(image_scale=0.2)
+    stack.emulator.reset()
     n = 24
     prefix = f"{workdir.name}/"
     output = f"s3://{S3_CONN_ID}@{S3_BUCKET}/{prefix}out"
