@@ -242,8 +242,20 @@ def check_rerun(
             assert row.prompt_id == prompt_id and row.prompt == text and row.status == "completed", row
             image = local(row.image_uri)
             assert image not in before.images, f"the new image overwrote an older one: {image}"
-            assert sha256(image) == row.sha256 and row.credits == CREDITS_PER_IMAGE, row
+            assert sha256(image) == row.sha256, row
+            # A row's credits are every POST of its image in this run's journal: the edited prompt's
+            # and, in a run id reused by the rerun, the old prompt's before it.
+            assert row.credits >= CREDITS_PER_IMAGE and row.credits % CREDITS_PER_IMAGE == 0, row
     return new_ids
+
+
+def check_bill(stack: Stack, run_manifests: Path) -> int:
+    """The run manifests add up to the emulator's bill: every paid POST is in one row's credits."""
+    tasks = stack.emulator.tasks()
+    ledger = stack.emulator.ledger()
+    credits = sum(int(read_manifest(str(p))["credits"].sum()) for p in run_manifests.rglob("*.parquet"))
+    assert credits == CREDITS_PER_IMAGE * len(tasks) == ledger["net_credits"], (credits, len(tasks), ledger)
+    return credits
 
 
 @pytest.fixture
@@ -281,6 +293,7 @@ def test_backfill_reruns_of_a_date_pay_once_for_an_edited_prompt_and_lose_nothin
     timings["first backfill run (6 images)"] = time.monotonic() - started
     assert len(stack.emulator.tasks()) == 6
     assert len(read_manifest(str(published))) == 6
+    assert check_bill(stack, partition / "manifests") == 6 * CREDITS_PER_IMAGE
     check_index(partition / "index" / "index.parquet", partition / "manifests")
 
     # none / failed over a date whose run succeeded: the backfill is made, with no run in it.
@@ -321,6 +334,7 @@ def test_backfill_reruns_of_a_date_pay_once_for_an_edited_prompt_and_lose_nothin
         }
         plan = xcom(stack, BACKFILL, rerun_id, "plan", "plan")
         assert (plan["images"], plan["unchanged"]) == (1, 5), plan
+        check_bill(stack, partition / "manifests")
         return rerun_id
 
     # 1. backfill create --reprocess-behavior completed, with a conf (as the guide says): the CLI. The
@@ -383,6 +397,31 @@ def test_backfill_reruns_of_a_date_pay_once_for_an_edited_prompt_and_lose_nothin
     assert rerun("clear the task plan (+ downstream)", "q-0010", clear_task) == run_id
     row = run_row(stack, BACKFILL, run_id)
     assert row["clear_number"] == 3 and json.loads(row["conf"]) == conf, row
+
+    # 3b. Clear generate alone: it works from its run's plan (q-0010, made a moment ago), re-attaches
+    # to what that plan's try paid, and says so: this try sent nothing and paid nothing.
+    before, bill = Snapshot.of(out), Bill(stack)
+    started = time.monotonic()
+    reply = api(
+        stack,
+        "POST",
+        f"/dags/{BACKFILL}/clearTaskInstances",
+        {"dry_run": False, "dag_run_id": run_id, "task_ids": ["generate"], "only_failed": False},
+    )
+    assert reply.status_code == 200, reply.text
+    wait_success(stack, BACKFILL, run_id)
+    timings["clear generate alone (nothing to send)"] = time.monotonic() - started
+    assert bill.new() == []
+    this_try = xcom(stack, BACKFILL, run_id, "generate")["this_try"]
+    assert this_try == {"submitted": 0, "reattached": 1, "credits": 0}, this_try
+    folder = stack.home / "logs" / f"dag_id={BACKFILL}" / f"run_id={run_id}" / "task_id=generate"
+    last = max(folder.glob("attempt=*.log"), key=lambda p: int(p.stem.split("=")[1])).read_text()
+    assert "0 request(s) sent, 1 re-attached to tasks paid earlier; paid now 0 credits" in last, last[-3000:]
+    after = Snapshot.of(out)
+    assert after.images == before.images
+    for path, rows in before.manifests.items():
+        pd.testing.assert_frame_equal(after.manifests[path], rows)
+    check_bill(stack, partition / "manifests")
 
     # 4. A new manual run of the date: one run per logical date, so it has none and names the date.
     reply = api(stack, "POST", f"/dags/{BACKFILL}/dagRuns", {"logical_date": f"{DS}T00:00:00Z", "conf": conf})
@@ -455,6 +494,7 @@ def test_nightly_reruns_pay_once_for_an_edited_product_and_lose_nothing(
         latest = json.loads((out / "latest.json").read_text())
         assert latest["run_id"] == run_id
         assert set(new_ids) <= set(read_manifest(latest["manifest_uri"])["task_id"])
+        check_bill(stack, out / "manifests")
         return run_id
 
     products = list(surfaces.index)
