@@ -334,6 +334,12 @@ def test_backfill_reruns_of_a_date_pay_once_for_an_edited_prompt_and_lose_nothin
         }
         plan = xcom(stack, BACKFILL, rerun_id, "plan", "plan")
         assert (plan["images"], plan["unchanged"]) == (1, 5), plan
+        if rerun_id == run_id:  # the same run manifest: its row names the image it replaced
+            own = next(p for p in before.manifests if f"run_id={quote(run_id, safe='-_.@,')}" in str(p))
+            old = before.manifests[own].set_index("prompt_id").loc[prompt_id]
+            new = after.manifests[own].set_index("prompt_id").loc[prompt_id]
+            assert f"its image stays at {old['image_uri']}" in new["error_message"], new["error_message"]
+            assert sha256(local(old["image_uri"])) == old["sha256"]
         check_bill(stack, partition / "manifests")
         return rerun_id
 
