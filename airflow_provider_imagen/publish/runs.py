@@ -347,9 +347,10 @@ def publish_run(
 
     Without ``partition_manifest`` (a nightly job): the sheet and the page go next to the run's manifest
     and ``latest.json`` points at them. With it (a backfill partition): every run manifest of the
-    partition is merged into that one manifest (per image, the latest run wins), drawn next to it, and
-    the list of merged manifests is written beside it; when that list has not changed, nothing is
-    rewritten (a rerun of a finished date keeps its manifest).
+    partition is merged into that one manifest (per image, its latest outcome), drawn next to it, and
+    the merged manifests with their versions (:func:`manifest_version`) are written beside it; when
+    none of them is new or rewritten since, nothing is rewritten (a rerun of a finished date keeps its
+    manifest, and a rerun that rewrote its run's manifest under the same run id is published).
 
     Returns ``published`` (whether anything was written besides the index), the URIs, counts and
     credits (JSON-safe).
