@@ -27,12 +27,14 @@ from airflow_provider_imagen.api.errors import (
     ImageRefusedError,
     InsufficientCreditsError,
     InvalidRequestError,
+    LocationNotWritableError,
     RateLimitedError,
     RequestValidationError,
     ServerError,
     TaskFailedError,
     TaskNotFoundError,
     TaskTimeoutError,
+    WrongImageSizeError,
 )
 from airflow_provider_imagen.api.models import (
     CREDITS_PER_IMAGE,
@@ -70,6 +72,7 @@ __all__ = [
     "ImagenTransportError",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "LocationNotWritableError",
     "RateLimitedError",
     "RequestValidationError",
     "RetryPolicy",
@@ -78,6 +81,7 @@ __all__ = [
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskTimeoutError",
+    "WrongImageSizeError",
     "normalize_base_url",
     "redact_url",
 ]

@@ -68,14 +68,29 @@ def normalize_base_url(host: str | None) -> str:
     """Return ``scheme://host[:port][/path]`` without a trailing slash or API prefix.
 
     Users paste ``reapi.ai``, ``https://reapi.ai/`` or ``https://reapi.ai/api/v1``; all mean the same.
+    A host without a scheme gets ``https://`` (see :func:`scheme_assumed`). A path is kept as given
+    (an API behind a proxy may live under one); a wrong one shows as a 404 that names the full URL.
     """
     url = (host or "").strip() or DEFAULT_BASE_URL
-    if "://" not in url:
+    if scheme_assumed(url):
         url = f"https://{url}"
     url = url.rstrip("/")
     if url.endswith(API_PREFIX):
         url = url[: -len(API_PREFIX)]
     return url
+
+
+def scheme_assumed(host: str | None) -> bool:
+    """Return whether a connection's host names no scheme, so that ``https://`` is assumed for it."""
+    text = (host or "").strip()
+    return bool(text) and "://" not in text
+
+
+def _without_userinfo(url: str) -> str:
+    """Return ``url`` without ``user:password@`` and query: safe to show in an error."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def redact_url(url: str | httpx.URL) -> str:
@@ -111,9 +126,13 @@ class ClientSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
+    #: The host as given had no scheme and ``https://`` was put in front (errors then say so).
+    https_assumed: bool = field(default=False, init=False, compare=False)
+
     def __post_init__(self) -> None:
         if not self.api_key or not self.api_key.strip():
             raise ImagenError("no API key: set the connection's password (API key) field")
+        object.__setattr__(self, "https_assumed", scheme_assumed(self.base_url))
         object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
 
 
@@ -204,7 +223,33 @@ class _BaseClient:
             if decide(attempt, outcome):  # type: ignore[arg-type]
                 yield policy.delay_for(attempt, _retry_after(outcome))
                 continue
-            raise _api_error(call, outcome, submit=submit)  # type: ignore[arg-type]
+            raise self._explained(_api_error(call, outcome, submit=submit))  # type: ignore[arg-type]
+
+    def _explained(self, error: ImagenError) -> ImagenError:
+        """Add what the connection's settings tell about an error that the answer alone does not."""
+        base = self.settings.base_url
+        if isinstance(error, ImagenTransportError) and self.settings.https_assumed:
+            host = base.removeprefix("https://")
+            return ImagenTransportError(
+                f"{error} (the connection's host {host!r} has no scheme, so https:// was assumed; "
+                f"if the server speaks plain HTTP, set the host to http://{host})"
+            )
+        if type(error) is ImagenAPIError and error.status_code == 404:
+            # A route of the contract answered 404: the base URL does not point at the API's root.
+            path = urlsplit(base).path
+            hint = f"; its path {path!r} is kept as given" if path else ""
+            return ImagenAPIError(
+                f"{error.api_message}. No such route: check the connection's Base URL "
+                f"({_without_userinfo(base)}{hint}). It must be the API's root, such as "
+                f"{DEFAULT_BASE_URL}; the provider adds {API_PREFIX}/… itself",
+                status_code=404,
+                code=error.code,
+                request_id=error.request_id,
+                method=error.method,
+                path=error.path,
+                url=error.url,
+            )
+        return error
 
     @staticmethod
     def _parse(call: Call, response: Reply, read: Any) -> Any:
@@ -507,6 +552,10 @@ def _api_error(call: Call, outcome: Reply | httpx.TransportError, *, submit: boo
         )
     if status >= 500:
         return ServerError(message, **info)
+    if status == 404 and not path.startswith("/tasks/"):
+        # Only a task can be "not found" in the contract; a 404 anywhere else is a route that does not
+        # exist at this base URL. Name the full URL: the API path alone hides the mistake.
+        return ImagenAPIError(message, url=_without_userinfo(call.url), **info)
     return _STATUS_ERRORS.get(status, ImagenAPIError)(message, **info)
 
 

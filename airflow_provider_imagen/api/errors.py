@@ -17,6 +17,8 @@ Errors are split by *when* they happen, because that decides what a retry costs:
     ├── TaskFailedError                    the task ended ``failed`` (refunded by the API)
     │   └── ContentModeratedError            failed with code 80006 (refunded by the API)
     ├── TaskTimeoutError                   our deadline passed while the task was still processing
+    ├── WrongImageSizeError                kept, but not the pixel size Imagen 4 makes for the ratio
+    ├── LocationNotWritableError           the output or journal location cannot be written (before paying)
     └── DownloadError                      the finished image could not be fetched
         ├── ImageExpiredError                the signed URL is past its 24 h life
         └── ImageRefusedError                the answer is not an acceptable image (type, size)
@@ -65,6 +67,7 @@ class ImagenAPIError(ImagenError):
         request_id: str | None = None,
         method: str = "",
         path: str = "",
+        url: str = "",
     ) -> None:
         self.status_code = status_code
         self.code = code
@@ -72,9 +75,15 @@ class ImagenAPIError(ImagenError):
         self.request_id = request_id
         self.method = method
         self.path = path
-        where = f"{method} {path}: " if method else ""
+        self.url = url
         ident = f" (request_id {request_id})" if request_id else ""
-        super().__init__(f"{where}HTTP {status_code}, code {code}: {message}{ident}")
+        if not method:
+            # Raised by the provider itself to sum up a run, not an HTTP answer: no status to show.
+            super().__init__(f"{message}{ident}")
+            return
+        # The full URL only when asked for: a wrong base URL is invisible in the API path alone.
+        answer = f"HTTP {status_code}" + (f", code {code}" if code is not None else "")
+        super().__init__(f"{method} {url or path}: {answer}: {message}{ident}")
 
 
 class AuthenticationError(ImagenAPIError):
@@ -117,10 +126,27 @@ class AmbiguousSubmitError(ImagenError):
     ``unknown_submit`` and a resubmit needs the caller's explicit consent.
     """
 
-    def __init__(self, reason: str, *, status_code: int | None = None, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        earlier_try: bool = False,
+    ) -> None:
         self.reason = reason
         self.status_code = status_code
         self.request_id = request_id
+        self.earlier_try = earlier_try
+        if earlier_try:
+            # ``reason`` is what the earlier try learned; wrapping that try's whole message again would
+            # nest "submit outcome unknown (…)" once per retry.
+            super().__init__(
+                f"submit outcome unknown: an earlier try sent this request but never learned its task id "
+                f"({reason}); the API may have created and charged it. Not sent again, to avoid paying "
+                "twice: set resubmit_unknown=True to pay for a new one"
+            )
+            return
         super().__init__(
             f"submit outcome unknown ({reason}): the API may have created and charged a task whose id "
             "we never received; not retried, to avoid paying twice"
@@ -152,6 +178,18 @@ class TaskTimeoutError(ImagenError):
             f"deadline (epoch {deadline:.0f}) passed with {len(task_ids)} task(s) still processing: {shown}. "
             "They were paid at submit and may still complete; a retry of this task re-attaches to them."
         )
+
+
+class WrongImageSizeError(ImagenError):
+    """The image arrived and was kept, but its pixel size is not Imagen 4's for the requested ratio.
+
+    Paid. A retry re-attaches to the same task and gets the same image: it pays nothing and changes
+    nothing.
+    """
+
+
+class LocationNotWritableError(ImagenError):
+    """A location the run must write to (output, journal) cannot be written; found before any POST."""
 
 
 class DownloadError(ImagenError):

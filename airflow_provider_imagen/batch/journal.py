@@ -477,11 +477,12 @@ def resolve_journal_root(
 ) -> ObjectStoragePath:
     """Pick where journals live.
 
-    In order: the operator's argument, ``[imagen] journal_root``, a ``_journal`` folder beside the
-    output, ``$AIRFLOW_HOME/imagen/journal``.
+    In order: the operator's argument, ``[imagen] journal_root``, a ``_journal`` folder in the output
+    folder (beside the file when the output is one ``.png`` file), ``$AIRFLOW_HOME/imagen/journal``.
 
     The output folder beats the local default because it is shared storage whenever the images are:
-    a journal on one worker's disk is invisible to a retry on another worker.
+    a journal on one worker's disk is invisible to a retry on another worker. Only ``.png`` marks a
+    file: a folder name may hold a dot (``catalog.v2``, ``2026.01``) and is still a folder.
     """
     if journal_path:
         return as_path(journal_path)
@@ -492,6 +493,6 @@ def resolve_journal_root(
         return as_path(configured)
     if output_path:
         out = as_path(output_path)
-        return (out.parent if out.suffix else out) / "_journal"
+        return (out.parent if out.suffix.lower() == ".png" else out) / "_journal"
     home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
     return as_path(os.path.join(home, "imagen", "journal"))

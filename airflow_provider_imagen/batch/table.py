@@ -209,6 +209,12 @@ def load_prompt_table(
         table = _from_records(source)
         where = "the list of records"
     elif isinstance(source, (ObjectStoragePath, str, os.PathLike)):
+        if isinstance(source, str) and not source.strip():
+            # ObjectStoragePath("") is "." : the working directory would be read, and any Parquet in it
+            # (an earlier run's manifest has prompt_id and prompt columns) paid for.
+            raise PromptTableError(
+                f"prompts={source!r}: the path of the prompt table is empty; give a Parquet file or folder"
+            )
         path = as_path(os.fspath(source) if not isinstance(source, (ObjectStoragePath, str)) else source)
         table = _read_parquet(path)
         where = str(path)
@@ -618,4 +624,19 @@ def raise_if_invalid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) 
             "the prompt table has invalid rows; nothing was submitted and nothing was charged.\n"
             + summarize_invalid(invalid, limit=limit),
             invalid,
+        )
+
+
+def raise_if_none_valid(specs: Iterable[ImageSpec], *, limit: int = SUMMARY_LIMIT) -> None:
+    """Raise :class:`InvalidRowsError` if no spec is valid.
+
+    A run that can make none of the images asked for is a failure, not a success with an empty result.
+    """
+    specs = list(specs)
+    if specs and not any(spec.valid for spec in specs):
+        raise InvalidRowsError(
+            f"none of the {len(specs)} requested image(s) is valid; nothing was submitted and nothing was "
+            "charged. Fix the rows, or set fail_when_all_invalid=False to record them in a manifest and "
+            "succeed.\n" + summarize_invalid(specs, limit=limit),
+            specs,
         )

@@ -9,7 +9,6 @@ requests. Handlers are async and cheap; only media downloads render, and they do
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from airflow_provider_imagen.emulator.errors import (
 )
 from airflow_provider_imagen.emulator.images import ImageCache
 from airflow_provider_imagen.emulator.state import MEDIA_PREFIX, EmulatorState
-from airflow_provider_imagen.emulator.validation import parse_submission
+from airflow_provider_imagen.emulator.validation import parse_json, parse_submission
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +49,9 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, INVALID_PARAMETER, f"Request body is not valid JSON: {exc}") from None
+    body = parse_json(await request.body())
+    if body is None:
+        return {}
     if not isinstance(body, dict):
         raise ApiError(400, INVALID_PARAMETER, "Request body must be a JSON object")
     return body
@@ -127,7 +124,7 @@ def create_app(
     @app.post(f"{API_PREFIX}/images/generations")
     async def submit(request: Request) -> Response:
         async def handle(key: str) -> Response:
-            submission = parse_submission(await request.body())
+            submission = parse_submission(await request.body(), request.headers.get("content-type"))
             result = state.submit(key, submission)
             task = result.task
             if not task.html:

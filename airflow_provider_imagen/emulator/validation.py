@@ -55,12 +55,36 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, INVALID_PARAMETER, message)
 
 
-def parse_submission(raw: bytes) -> Submission:
-    """Validate a ``POST /images/generations`` body; raise a 400 ``ApiError`` (20001 or 20002) if invalid."""
+def is_json_media_type(content_type: str | None) -> bool:
+    """Return whether a ``Content-Type`` announces JSON; none at all is taken as JSON, as web frameworks do.
+
+    A ``text/plain`` or form body is not JSON even when its bytes parse as JSON: the real API refuses it,
+    so the emulator must not create (and charge) a task for it.
+    """
+    if content_type is None or not content_type.strip():
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Return the JSON value of a body, or raise a 400 ``ApiError`` (20001); ``None`` for an empty body.
+
+    Nesting deep enough to exhaust the parser's recursion is a bad body (400), not a server error (500).
+    """
     try:
-        body: Any = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        return json.loads(raw.decode("utf-8")) if raw.strip() else None
     except (UnicodeDecodeError, ValueError) as exc:
         raise _invalid(f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _invalid("Request body is not valid JSON: nested too deeply") from None
+
+
+def parse_submission(raw: bytes, content_type: str | None = None) -> Submission:
+    """Validate a ``POST /images/generations`` body; raise a 400 ``ApiError`` (20001 or 20002) if invalid."""
+    if not is_json_media_type(content_type):
+        raise _invalid(f"Content-Type must be application/json; got {content_type.strip()!r}")  # type: ignore[union-attr]
+    body = parse_json(raw)
     if body is None:
         raise ApiError(400, MISSING_PARAMETER, "Missing required parameter: model")
     if not isinstance(body, dict):

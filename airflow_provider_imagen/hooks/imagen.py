@@ -8,6 +8,7 @@ client. All HTTP behaviour, retries included, lives in the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
@@ -19,6 +20,8 @@ from airflow_provider_imagen.api.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
+
+log = logging.getLogger(__name__)
 
 
 async def _amask(secret: str) -> None:
@@ -53,12 +56,17 @@ def settings_from_connection(conn: Connection, *, retry: RetryPolicy | None = No
     host = conn.host or ""
     if host and conn.port and "://" not in host:
         host = f"{host}:{conn.port}"
-    return ClientSettings(
+    settings = ClientSettings(
         api_key=api_key,
         base_url=host,
         timeout=float(extra.get("timeout") or 30.0),
         retry=policy,
     )
+    if settings.https_assumed:
+        # Said once here, and again in any connection error: a plain-HTTP server answers TLS with
+        # "WRONG_VERSION_NUMBER", which names neither the scheme nor the connection.
+        log.info("Connection %r: host %r has no scheme; using %s", conn.conn_id, host, settings.base_url)
+    return settings
 
 
 class ImagenHook(BaseHook):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,8 +35,16 @@ from airflow_provider_imagen.batch.journal import (
     record,
     resolve_journal_root,
 )
+from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
+from airflow_provider_imagen.operators._arguments import (
+    budget,
+    check_batch_arguments,
+    check_batch_rendered,
+    is_template,
+    without_records,
+)
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
@@ -55,8 +64,10 @@ class ImagenBatchGenerateOperator(BaseOperator):
     an earlier try paid for. Results go to storage: XCom gets only ``{manifest_uri, counts, credits}``.
 
     :param prompts: the prompt table: a Parquet file or folder on any ``ObjectStoragePath`` (``file://``,
-        ``s3://``…), or a list of records. Templated.
-    :param output_path: folder for the images (``images/``) and the manifest (``manifests/``). Templated.
+        ``s3://``…), or a list of records, or a DataFrame. Templated only when it is a path or URI string:
+        records and DataFrames reach the API exactly as given (prompts may hold ``{{`` and ``{#``).
+    :param output_path: folder for the images (``images/``) and the manifest (``manifests/``); absolute
+        or a URI. Templated.
     :param imagen_conn_id: the ``imagen`` connection. Templated.
     :param id_column: column holding the unique prompt id.
     :param prompt_column: column holding the prompt text.
@@ -66,8 +77,10 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param variations: images per prompt and size; each is its own paid request.
     :param on_invalid: ``"record"`` puts bad rows in the manifest as ``invalid`` and sends the rest;
         ``"fail"`` fails the task before anything is submitted if any row is bad.
-    :param max_credits: budget for the run in credits (46 per image); rows beyond it are
-        ``skipped_budget``. ``None`` for no budget.
+    :param fail_when_all_invalid: with ``on_invalid="record"``, still fail (before anything is sent) when
+        no row at all is valid; ``False`` writes a manifest of ``invalid`` rows and succeeds.
+    :param max_credits: budget for the run in credits (46 per image, so at least 46); rows beyond it are
+        ``skipped_budget``. ``None`` for no budget. Templated (a rendered string of digits is accepted).
     :param check_balance: cap the budget at the account balance (the balance is always read first: a
         free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most.
@@ -95,7 +108,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ``[operators] default_deferrable``.
     """
 
-    template_fields: Sequence[str] = ("prompts", "output_path", "imagen_conn_id", "journal_path")
+    template_fields: Sequence[str] = (
+        "prompts",
+        "output_path",
+        "imagen_conn_id",
+        "journal_path",
+        "max_credits",
+    )
     ui_color = "#d2e3fc"
 
     def __init__(
@@ -111,7 +130,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         default_size: str = DEFAULT_SIZE,
         variations: int = 1,
         on_invalid: OnInvalid = "record",
-        max_credits: int | None = None,
+        fail_when_all_invalid: bool = True,
+        max_credits: int | str | None = None,
         check_balance: bool = False,
         max_in_flight: int = 100,
         refill_fraction: float = 0.25,
@@ -130,13 +150,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
-        if on_invalid not in ("record", "fail"):
-            raise ValueError(f"on_invalid={on_invalid!r}: must be 'record' or 'fail'")
-        if variations < 1:
-            raise ValueError(f"variations={variations}: must be at least 1")
-        if timeout <= 0:
-            raise ValueError(f"timeout={timeout}: must be a positive number of seconds")
-        if "outlets" not in kwargs and isinstance(output_path, str) and "{{" not in output_path:
+        # Types and ranges, at DAG parse time: templated arguments are checked again once rendered.
+        check_batch_arguments(locals())
+        if "outlets" not in kwargs and isinstance(output_path, str) and not is_template(output_path):
             kwargs["outlets"] = [Asset(manifests_asset_uri(output_path))]
         super().__init__(**kwargs)
         self.prompts = prompts
@@ -149,6 +165,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self.default_size = default_size
         self.variations = variations
         self.on_invalid = on_invalid
+        self.fail_when_all_invalid = fail_when_all_invalid
+        self.max_credits = max_credits
         self.check_balance = check_balance
         self.timeout = timeout
         self.fail_on_error_rate = fail_on_error_rate
@@ -158,7 +176,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self.settings = BatchSettings(
             max_in_flight=max_in_flight,
             refill_fraction=refill_fraction,
-            max_credits=max_credits,
+            max_credits=None if is_template(max_credits) else budget(max_credits),  # set once rendered
             resubmit_unknown=resubmit_unknown,
             max_submit_rate=max_submit_rate,
             mirror_concurrency=mirror_concurrency,
@@ -172,12 +190,38 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
     # -- Airflow entry points ----------------------------------------------------------------------
 
+    def _do_render_template_fields(
+        self, parent: Any, template_fields: Any, context: Context, jinja_env: Any, seen_oids: set[int]
+    ) -> None:
+        """Render like Airflow, except ``prompts`` given as records (sent verbatim); then check the values.
+
+        Overridden here rather than in ``render_template_fields`` because a mapped task renders through
+        this method of its unmapped operator.
+        """
+        if parent is not self:
+            return super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+        fields = without_records(self, template_fields)
+        self._imagen_templates = {name: getattr(self, name) for name in fields}
+        super()._do_render_template_fields(parent, fields, context, jinja_env, seen_oids)
+        self._check_rendered()
+
+    def _check_rendered(self) -> None:
+        """Check the templated arguments (rendered, or as given when ``execute`` is called directly)."""
+        try:
+            credits = check_batch_rendered(self, getattr(self, "_imagen_templates", {}))
+        except ImagenInputError as exc:
+            # A template that renders to a bad value renders to it again on retry: fail, no retries.
+            raise AirflowFailException(f"invalid argument, nothing was submitted: {exc}") from exc
+        if credits != self.settings.max_credits:
+            self.settings = replace(self.settings, max_credits=credits)
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self._check_rendered()
         specs = self._specs()
         now = time.time()
         clock = RunClock(started_at=now, deadline=now + self.timeout, budget=self.settings.max_credits)
         client = self._client()
-        balance = self._log_estimate(specs, clock, client)
+        balance = self._preflight(context, specs, clock, client)
         journal = self._journal(context)
         # Claim the journal before reading it: an older try that is still alive (a zombie, or a hand-run
         # ``airflow tasks test``) stops before its next POST, and every intent it journalled before that
@@ -359,9 +403,10 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 "a retry of this task mirrors them without paying again while their URLs live (24 h)"
             )
         if finish.stopped == "insufficient_credits":
+            answer = api_answer(entries, InsufficientCreditsError)
             raise InsufficientCreditsError(
-                f"the account ran out of credits; the manifest at {uri} lists what was made and what was "
-                "skipped. Top up and clear the task: a retry sends only what is missing",
+                f"the account ran out of credits ({answer}); the manifest at {uri} lists what was made and "
+                "what was skipped. Top up and clear the task: a retry sends only what is missing",
                 status_code=402,
             )
         return result
@@ -388,6 +433,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             expand_specs,
             load_prompt_table,
             raise_if_invalid,
+            raise_if_none_valid,
             summarize_invalid,
         )
 
@@ -409,12 +455,32 @@ class ImagenBatchGenerateOperator(BaseOperator):
             )
             if self.on_invalid == "fail":
                 raise_if_invalid(specs)
+            if self.fail_when_all_invalid:
+                raise_if_none_valid(specs)
         except ImagenInputError as exc:
             # Bad input does not improve on retry, and nothing was paid: fail now, without retries.
             raise AirflowFailException(f"invalid prompt table, nothing was submitted: {exc}") from exc
         if any(not s.valid for s in specs):
             self.log.warning("%s", summarize_invalid(specs))
         return specs
+
+    def _preflight(
+        self, context: Context, specs: list[ImageSpec], clock: RunClock, client: Any
+    ) -> int | None:
+        """Free checks before the first POST: the output and journal are writable, the account can pay.
+
+        Returns the balance (``None`` when nothing is to be sent).
+        """
+        journal = self._journal(context)
+        root = resolve_journal_root(self.journal_path, self.output_path)
+        probe_locations({"output_path": as_path(self.output_path), "journal_path": root})
+        balance = self._log_estimate(specs, clock, client)
+        if balance is not None:
+            # A retry whose earlier try paid must collect what it paid for, however low the balance now.
+            require_one_image(
+                balance, clock.budget, nothing_paid_yet=lambda: all(k == TRY_KEY for k in journal.load())
+            )
+        return balance
 
     def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> int | None:
         """Log what the run would cost and read the balance (``None`` when nothing is to be sent)."""
@@ -481,6 +547,16 @@ def _this_try(
         if entry.task_id and (entry.submitted_at or 0) < since and entry.matches(spec.digest):
             reattached += 1
     return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}
+
+
+def api_answer(entries: dict[str, Any], error: type[Exception]) -> str:
+    """Return the API's own words for the first request it refused with ``error`` (code included)."""
+    prefix = f"{error.__name__}: "
+    for entry in entries.values():
+        reason = getattr(entry, "rejected_reason", None) or ""
+        if reason.startswith(prefix):
+            return f"the API answered {reason.removeprefix(prefix)}"
+    return "the API answered 402"
 
 
 def manifests_asset_uri(output_path: str) -> str:

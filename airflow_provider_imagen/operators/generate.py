@@ -23,14 +23,23 @@ from airflow_provider_imagen.api.errors import (
     ImagenInputError,
     TaskNotFoundError,
     TaskTimeoutError,
+    WrongImageSizeError,
     task_failure,
 )
-from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, ImageRequest, Task
+from airflow_provider_imagen.api.models import (
+    CREDITS_PER_IMAGE,
+    DEFAULT_SIZE,
+    ImageRequest,
+    Task,
+    pixel_size_mismatch,
+)
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.batch.submit import submit_chunk
 from airflow_provider_imagen.hooks.imagen import ImagenHook
+from airflow_provider_imagen.operators._arguments import check_generate_arguments, check_generate_rendered
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
 
@@ -57,6 +66,12 @@ class ImagenImageLink(BaseOperatorLink):
 
         uri = XCom.get_value(key=IMAGE_URI_XCOM_KEY, ti_key=ti_key)
         return browsable_uri(uri) if uri else ""
+
+
+def _try_owner(context: Context) -> str:
+    from airflow_provider_imagen.operators.batch import _try_owner as owner
+
+    return owner(context)
 
 
 def browsable_uri(uri: str) -> str:
@@ -95,6 +110,8 @@ class ImagenGenerateOperator(BaseOperator):
         every worker sees. Templated.
     :param resubmit_unknown: pay again for a submit whose outcome an earlier try could not learn (a
         timeout or 5xx after sending). Off by default: that earlier POST may already have been paid.
+    :param check_pixel_size: fail with :class:`WrongImageSizeError` (after mirroring: the image stays)
+        when the image's pixel size is not Imagen 4's for ``size`` (within 2 % per side).
     """
 
     template_fields: Sequence[str] = ("prompt", "size", "imagen_conn_id", "output_path", "journal_path")
@@ -115,9 +132,13 @@ class ImagenGenerateOperator(BaseOperator):
         timeout: float = 600.0,
         journal_path: str | None = None,
         resubmit_unknown: bool = False,
+        check_pixel_size: bool = True,
         **kwargs: Any,
     ) -> None:
+        # Types and ranges, at DAG parse time: templated arguments are checked again once rendered.
+        check_generate_arguments(locals())
         super().__init__(**kwargs)
+        self.check_pixel_size = check_pixel_size
         self.prompt = prompt
         self.size = size
         self.imagen_conn_id = imagen_conn_id
@@ -134,7 +155,25 @@ class ImagenGenerateOperator(BaseOperator):
 
     # -- Airflow entry points ----------------------------------------------------------------------
 
+    def _do_render_template_fields(
+        self, parent: Any, template_fields: Any, context: Context, jinja_env: Any, seen_oids: set[int]
+    ) -> None:
+        """Render like Airflow, then check the rendered paths (a mapped task renders through this method)."""
+        if parent is self:
+            self._imagen_templates = {name: getattr(self, name) for name in template_fields}
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+        if parent is self:
+            self._check_rendered()
+
+    def _check_rendered(self) -> None:
+        try:
+            check_generate_rendered(self, getattr(self, "_imagen_templates", {}))
+        except ImagenInputError as exc:
+            # A template that renders to a bad value renders to it again on retry: fail, no retries.
+            raise AirflowFailException(f"invalid argument, nothing was submitted: {exc}") from exc
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self._check_rendered()
         try:
             request = ImageRequest(self.prompt, self.size)
         except ImagenInputError as exc:
@@ -144,35 +183,49 @@ class ImagenGenerateOperator(BaseOperator):
         # image is mirrored, so Airflow does not log a failed XCom lookup.
         context["ti"].xcom_push(key=IMAGE_URI_XCOM_KEY, value=None)
         journal = self._journal(context)
+        # Claim before reading: an older try still alive stops before its next POST (see batch.fence).
+        journal.claim(_try_owner(context), try_number=getattr(context["ti"], "try_number", None))
         entry = journal.load().get(IMAGE_KEY)
-        if entry is not None and entry.mirrored is not None:
+        digest = request.digest()
+        if entry is not None and not entry.matches(digest):
+            self.log.info(
+                "The request changed since an earlier try paid for task %s; sending the new one.",
+                entry.task_id or "(unknown)",
+            )
+            entry = None
+        elif entry is not None and entry.mirrored is not None:
             self.log.info("Image already made and mirrored by an earlier try; nothing to pay.")
             return self._result(context, entry)
         client = self._client()
+        self._preflight(client, entry)
         task_id = self._submit_once(client, journal, request, entry)
         task = client.get_task(task_id)
         if task.is_terminal:
             return self._finish(context, client, journal, task)
-        deadline = time.time() + self.timeout
+        submitted_at = journal.load()[IMAGE_KEY].submitted_at or time.time()
+        deadline = submitted_at + self.timeout
         if self.deferrable:
             self.defer(
                 trigger=ImagenTaskTrigger(
                     imagen_conn_id=self.imagen_conn_id,
                     task_ids=[task_id],
                     deadline=deadline,
-                    submitted_at=[time.time()],
+                    submitted_at=[submitted_at],
                     **self.schedule.to_kwargs(),
                 ),
                 method_name="execute_complete",
-                timeout=timedelta(seconds=self.timeout) + DEFERRAL_SAFETY_MARGIN,
+                kwargs={"deadline": deadline},
+                timeout=timedelta(seconds=max(deadline - time.time(), 0)) + DEFERRAL_SAFETY_MARGIN,
             )
         outcome = poll_tasks(client, [task_id], deadline=deadline, schedule=self.schedule)
-        return self._complete(context, client, journal, outcome)
+        return self._complete(context, client, journal, outcome, deadline)
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, deadline: float | None = None
+    ) -> dict[str, Any]:
         """Resume after the trigger: validate its event, then fetch, mirror and return."""
         outcome = PollOutcome.from_event(event)
-        return self._complete(context, self._client(), self._journal(context), outcome)
+        return self._complete(context, self._client(), self._journal(context), outcome, deadline)
 
     # -- steps -------------------------------------------------------------------------------------
 
@@ -181,10 +234,7 @@ class ImagenGenerateOperator(BaseOperator):
     ) -> str:
         if entry is not None and entry.unknown_submit and not self.resubmit_unknown:
             why = entry.ambiguous_reason or "the worker stopped mid-submit"
-            raise AmbiguousSubmitError(
-                f"an earlier try sent this request but never learned its task id ({why}); it may have "
-                "been paid. Not sending it again: set resubmit_unknown=True to pay for a new one"
-            )
+            raise AmbiguousSubmitError(why, earlier_try=True)
         if entry is not None and entry.task_id and not entry.unknown_submit:
             self.log.info(
                 "Re-attaching to task %s submitted by an earlier try; no new charge.", entry.task_id
@@ -192,7 +242,9 @@ class ImagenGenerateOperator(BaseOperator):
             return entry.task_id
         self.log.info("Submitting 1 image (%d credits, $%.3f).", CREDITS_PER_IMAGE, CREDITS_PER_IMAGE / 1000)
         attempts = {IMAGE_KEY: len(entry.task_ids)} if entry else None
-        report = submit_chunk(client, journal, {IMAGE_KEY: request}, attempts=attempts)
+        report = submit_chunk(
+            client, journal, {IMAGE_KEY: request}, digests={IMAGE_KEY: request.digest()}, attempts=attempts
+        )
         if IMAGE_KEY in report.submitted:
             self.log.info("Submitted task %s.", report.submitted[IMAGE_KEY])
             return report.submitted[IMAGE_KEY]
@@ -201,12 +253,17 @@ class ImagenGenerateOperator(BaseOperator):
         raise report.rejected[IMAGE_KEY]
 
     def _complete(
-        self, context: Context, client: ImagenClient, journal: Journal, outcome: PollOutcome
+        self,
+        context: Context,
+        client: ImagenClient,
+        journal: Journal,
+        outcome: PollOutcome,
+        deadline: float | None,
     ) -> dict[str, Any]:
         (task_id,) = outcome.tasks
         if outcome.status == "timeout":
             journal.append([record("timeout", IMAGE_KEY, task_id=task_id)])
-            raise TaskTimeoutError([task_id], time.time())
+            raise TaskTimeoutError([task_id], deadline if deadline is not None else time.time())
         if outcome.status == "error":
             raise ImagenError(f"polling task {task_id} failed: {outcome.message}")
         if outcome.tasks[task_id].status == "not_found":
@@ -234,14 +291,22 @@ class ImagenGenerateOperator(BaseOperator):
         if not task.image_url:
             raise ImagenError(f"task {task.id} is completed but its answer carries no image URL")
         records = [record("terminal", IMAGE_KEY, task_id=task.id, status="completed")]
+        mismatch = None
         if self.output_path:
-            dest = self._destination(context)
+            dest = self._destination(context, task.id)
             image = mirror_image(client, task.image_url, dest)
             self.log.info(
                 "Mirrored %s (%s bytes, %sx%s).", image.uri, image.size_bytes, image.width, image.height
             )
-            records.append(record("mirrored", IMAGE_KEY, task_id=task.id, image=image.to_dict()))
+            if self.check_pixel_size:
+                mismatch = pixel_size_mismatch(self.size, image.width, image.height)
+            records.append(
+                record("mirrored", IMAGE_KEY, task_id=task.id, image=image.to_dict(), mismatch=mismatch)
+            )
         journal.append(records)
+        if mismatch:
+            # Paid and kept (the journal and XCom name the file), but not what was asked for.
+            raise WrongImageSizeError(f"task {task.id}: {mismatch}; the image is kept at {dest}")
         entry = journal.load()[IMAGE_KEY]
         return self._result(context, entry)
 
@@ -266,12 +331,34 @@ class ImagenGenerateOperator(BaseOperator):
     def _client(self) -> ImagenClient:
         return ImagenHook(self.imagen_conn_id).get_conn()
 
+    def _preflight(self, client: ImagenClient, entry: JournalEntry | None) -> None:
+        """Free checks before the POST, when one will be sent: writable output and journal, a balance read.
+
+        The balance read also catches a wrong key, base URL or host before anything is paid. A try that
+        re-attaches to a task an earlier try paid for sends no POST and needs none of it.
+        """
+        if entry is not None:
+            reattach = entry.task_id and not entry.unknown_submit
+            if reattach or (entry.unknown_submit and not self.resubmit_unknown):
+                return
+        locations = {}
+        if self.output_path:
+            out = as_path(self.output_path)
+            locations["output_path"] = out.parent if out.suffix.lower() == ".png" else out
+        locations["journal_path"] = resolve_journal_root(self.journal_path, self.output_path)
+        probe_locations(locations)
+        balance = client.get_balance()
+        require_one_image(balance, None, nothing_paid_yet=lambda: True)
+
     def _journal(self, context: Context) -> Journal:
         return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
 
-    def _destination(self, context: Context) -> Any:
+    def _destination(self, context: Context, task_id: str) -> Any:
         out = as_path(self.output_path)  # type: ignore[arg-type]
         if out.suffix.lower() == ".png":
-            return out
+            return out  # the user's own name: a "latest image" they chose to overwrite
         ti = context["ti"]
-        return out / image_file_name(f"{ti.task_id}-{ti.run_id}-{ti.map_index}", self.size)
+        # The DAG, task, run and map index name the image for a reader; the reAPI task id makes the
+        # name one no other run, try or task can take.
+        name = f"{ti.dag_id}-{ti.task_id}-{ti.run_id}-{ti.map_index}"
+        return out / image_file_name(name, self.size, 0, task_id)

@@ -28,6 +28,7 @@ from airflow_provider_imagen.api import (
     ContentModeratedError,
     DownloadError,
     ImageExpiredError,
+    ImagenAPIError,
     ImagenClient,
     ImagenTransportError,
     ImageRequest,
@@ -315,3 +316,65 @@ class TestSecrets:
         for text in texts:
             assert secret not in text
         assert "sig=" not in caplog.text  # signed image URL redacted in the request lines
+
+
+# -- errors that name the real mistake -------------------------------------------------------------------
+
+
+async def test_a_base_url_with_a_path_is_a_404_that_names_the_full_url(
+    make_client: Any, emulator: Any
+) -> None:
+    """Every route of the contract answers 404 under a wrong path: not a "task not found", and the error
+    shows the URL that was asked (the API path alone, ``/balance``, hides the mistake)."""
+    client = make_client(base_url=emulator.base_url + "/v2")
+    with pytest.raises(ImagenAPIError) as info:
+        await client.get_balance()
+    assert type(info.value) is ImagenAPIError  # not TaskNotFoundError: no task was asked for
+    message = str(info.value)
+    assert f"GET {emulator.base_url}/v2/api/v1/balance: HTTP 404" in message, message
+    assert "check the connection's Base URL" in message and "its path '/v2' is kept as given" in message
+    assert "code None" not in message
+
+
+async def test_a_host_without_a_scheme_says_that_https_was_assumed(make_client: Any, emulator: Any) -> None:
+    """The emulator speaks plain HTTP; ``127.0.0.1:port`` becomes ``https://…`` and the TLS handshake
+    fails. The error must say so, and how to write the host instead."""
+    host = emulator.base_url.removeprefix("http://")
+    client = make_client(base_url=host, retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(ImagenTransportError) as info:
+        await client.get_balance()
+    message = str(info.value)
+    assert f"the connection's host '{host}' has no scheme, so https:// was assumed" in message, message
+    assert f"set the host to http://{host}" in message
+    assert emulator.ledger()["requests"] == 0  # the handshake failed: nothing reached the API
+
+
+def test_a_host_with_a_scheme_is_not_said_to_be_assumed() -> None:
+    assert ClientSettings(api_key="k", base_url="reapi.ai").https_assumed
+    assert not ClientSettings(api_key="k", base_url="https://reapi.ai").https_assumed
+    assert not ClientSettings(api_key="k").https_assumed  # the default is written out in full
+
+
+async def test_a_402_shows_the_apis_own_code(client: Any, emulator: Any) -> None:
+    emulator.set_balance(0)
+    with pytest.raises(InsufficientCreditsError) as info:
+        await client.submit(ImageRequest("a lamp", "1:1"))
+    assert info.value.code == 30001
+    assert "HTTP 402, code 30001: Insufficient credits" in str(info.value)
+
+
+def test_error_text_shows_no_code_none_and_no_http_status_for_the_providers_own_summaries() -> None:
+    answered = ServerError("Service Unavailable", status_code=503, method="GET", path="/tasks/task_1")
+    assert str(answered) == "GET /tasks/task_1: HTTP 503: Service Unavailable"
+    summary = InsufficientCreditsError("the account ran out of credits", status_code=402)
+    assert str(summary) == "the account ran out of credits"
+    assert "code None" not in str(ImagenAPIError("x", status_code=418, method="GET", path="/balance"))
+
+
+def test_an_ambiguous_submit_of_an_earlier_try_is_not_wrapped_twice() -> None:
+    first = AmbiguousSubmitError("ReadTimeout after the request was sent")
+    again = AmbiguousSubmitError(first.reason, earlier_try=True)
+    message = str(again)
+    assert message.count("submit outcome unknown") == 1 and message.count("ReadTimeout") == 1, message
+    assert "an earlier try sent this request but never learned its task id" in message
+    assert "resubmit_unknown=True" in message and again.reason == first.reason

@@ -167,9 +167,7 @@ class TestStatusDerivation:
             (
                 # A second POST left without an answer (a zombie try's) beside a known task: the row
                 # follows the task, and its credits count both POSTs.
-                submitted(
-                    attempts={"a1": "submitted", "a2": "pending"}, status="completed", mirrored=IMAGE
-                ),
+                submitted(attempts={"a1": "submitted", "a2": "pending"}, status="completed", mirrored=IMAGE),
                 "completed",
                 {"task_id": "task_0123", "credits": 92},
             ),
@@ -420,3 +418,33 @@ def test_table_and_manifest_on_s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPa
     assert frame["prompt_id"].tolist() == ["a", "b", "c"]
     assert manifest_counts(frame)["skipped_budget"] == 3
     assert [p.name for p in dest.parent.iterdir()] == ["generate__3.parquet"]
+
+
+class TestMerge:
+    def test_a_rerun_with_fewer_rows_keeps_the_rows_it_does_not_replace(self, tmp_path: Path) -> None:
+        """A rerun of the run id sends only the edited row: the manifest keeps the five others and
+        takes the new row in place of the old one."""
+        from airflow_provider_imagen.batch.manifest import merge_rows, read_manifest, write_manifest
+
+        def row(pid: str, prompt: str, sha: str) -> dict[str, Any]:
+            return {
+                "prompt_id": pid,
+                "variation": 0,
+                "prompt": prompt,
+                "size": "1:1",
+                "status": "completed",
+                "credits": 46,
+                "sha256": sha,
+                "image_uri": f"/img/{pid}-{sha}.png",
+            }
+
+        dest = tmp_path / "manifests" / "generate.parquet"
+        write_manifest([row(f"q{i}", f"prompt {i}", "old") for i in range(6)], str(dest))
+        merged = merge_rows([row("q3", "prompt 3, edited", "new")], str(dest))
+        write_manifest(merged, str(dest))
+        frame = read_manifest(str(dest))
+        assert len(frame) == 6
+        assert sorted(frame["prompt_id"]) == [f"q{i}" for i in range(6)]
+        edited = frame[frame["prompt_id"] == "q3"].iloc[0]
+        assert (edited["prompt"], edited["sha256"]) == ("prompt 3, edited", "new")
+        assert merge_rows([row("a", "p", "s")], str(tmp_path / "absent.parquet")) == [row("a", "p", "s")]

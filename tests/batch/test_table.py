@@ -21,6 +21,7 @@ from airflow_provider_imagen.batch.table import (
     InvalidRowsError,
     PromptTableError,
     expand_specs,
+    load_prompt_table,
     raise_if_invalid,
     read_prompt_table,
     summarize_invalid,
@@ -102,6 +103,17 @@ class TestReadPromptTable:
     def test_a_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(PromptTableError, match=r"does not exist"):
             read_prompt_table(tmp_path / "nope.parquet")
+
+    @pytest.mark.parametrize("empty", ["", "   "])
+    def test_an_empty_path_never_reads_the_working_directory(
+        self, empty: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``ObjectStoragePath("")`` is ``"."``: a stray Parquet file in the working directory (here, a
+        perfectly valid prompt table) must not be read, let alone paid for."""
+        pd.DataFrame({"prompt_id": ["stray"], "prompt": ["x"]}).to_parquet(tmp_path / "stray.parquet")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(PromptTableError, match=r"the path of the prompt table is empty"):
+            load_prompt_table(empty)
 
     def test_a_file_that_is_not_parquet(self, tmp_path: Path) -> None:
         path = tmp_path / "prompts.csv"

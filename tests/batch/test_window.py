@@ -43,3 +43,60 @@ def test_linger_zero_always_defers_and_the_deadline_caps_the_wait() -> None:
     capped = linger_for({"a": NOW - 9}, SCHEDULE, linger=5.0, refillable=True, now=NOW, deadline=NOW + 2.0)
     assert capped == pytest.approx(2.0)
     assert decide({}, refillable=True) is None
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+def folded(*records: dict) -> dict:
+    from airflow_provider_imagen.batch.journal import JournalEntry
+
+    entries: dict = {}
+    for rec in records:
+        entries.setdefault(rec["k"], JournalEntry(rec["k"])).apply(rec)
+    return entries
+
+
+def test_a_changed_prompt_is_planned_anew_and_its_old_charge_stays_committed() -> None:
+    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.window import plan_window
+
+    old = expand_specs([{"prompt_id": "p1", "prompt": "a blue vase"}])[0]
+    new = expand_specs([{"prompt_id": "p1", "prompt": "a green vase"}])[0]
+    assert old.key == new.key and old.digest != new.digest
+    entries = folded(
+        record("intent", old.key, a="a1", d=old.digest),
+        record("submitted", old.key, a="a1", task_id="t1"),
+        record("terminal", old.key, task_id="t1", status="completed"),
+        record("mirrored", old.key, task_id="t1", image={"uri": "/x.png"}),
+    )
+    same = plan_window([old], entries, max_in_flight=10)
+    assert same.to_submit == [] and same.done == 1 and same.committed == 46
+    changed = plan_window([new], entries, max_in_flight=10)
+    assert changed.to_submit == [new] and changed.committed == 46
+    # The budget sees the old charge: room for the new image only if 92 credits are allowed.
+    assert plan_window([new], entries, max_in_flight=10, max_credits=91).to_submit == []
+    assert plan_window([new], entries, max_in_flight=10, max_credits=92).to_submit == [new]
+
+
+def test_every_post_that_may_have_been_paid_counts_against_the_budget() -> None:
+    """Row a: crashed mid-submit, then resent with ``resubmit_unknown`` (2 POSTs may be paid); row b:
+    an ambiguous 502. With a budget of 4 images, one more row fits, not two."""
+    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.window import plan_window
+
+    specs = expand_specs([{"prompt_id": p, "prompt": f"item {p}"} for p in "abcd"])
+    a, b = specs[0].key, specs[1].key
+    entries = folded(
+        record("intent", a, a="a1", d=specs[0].digest),
+        record("intent", a, a="a2", d=specs[0].digest),
+        record("submitted", a, a="a2", task_id="t-a"),
+        record("intent", b, a="b1", d=specs[1].digest),
+        record("ambiguous", b, a="b1", reason="502"),
+    )
+    plan = plan_window(specs, entries, max_in_flight=10, max_credits=4 * 46, resubmit_unknown=True)
+    assert plan.committed == 3 * 46
+    assert [s.key for s in plan.to_submit] == [b]  # b resent (paid again, by consent), c and d wait
+    assert plan.budget_bound and [s.prompt_id for s in plan.waiting] == ["c", "d"]

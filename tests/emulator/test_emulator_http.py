@@ -92,6 +92,54 @@ def test_validation_errors_create_nothing(api: Api, body: bytes, code: int) -> N
     assert api.balance() == 1_000_000
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "fragment"),
+    [
+        (
+            b'{"model": "imagen-4-0", "prompt": "a cat"}',
+            "text/plain",
+            "Content-Type must be application/json",
+        ),
+        (b'{"model": "imagen-4-0", "prompt": "a cat"}', "text/plain; charset=utf-8", "Content-Type must be"),
+        (b"model=imagen-4-0&prompt=a+cat", "application/x-www-form-urlencoded", "Content-Type must be"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "nested too deeply"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "application/json", "nested too deeply"),
+    ],
+    ids=["text/plain", "text/plain charset", "form", "deep array", "deep object"],
+)
+def test_a_body_the_api_would_refuse_is_a_400_envelope_never_charged(
+    api: Api, body: bytes, content_type: str, fragment: str
+) -> None:
+    """A JSON text sent as ``text/plain`` is not a JSON request, and nesting that exhausts the parser is a
+    bad body: both are the client's mistake (400 and the error envelope), never a task, never a 500."""
+    response = api.http.post("/images/generations", content=body, headers={"Content-Type": content_type})
+    error = assert_error(response, 400, 20001)
+    assert fragment in str(error["message"])
+    ledger = api.server.ledger()
+    assert (ledger["posts"], ledger["tasks_created"], ledger["credits_charged"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json; charset=utf-8", "application/vnd.api+json"]
+)
+def test_json_bodies_with_any_json_media_type_or_none_are_accepted(
+    api: Api, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = api.http.build_request(
+        "POST", "/images/generations", content=b'{"model": "imagen-4-0", "prompt": "a cat"}', headers=headers
+    )
+    assert request.headers.get("Content-Type") == content_type  # httpx adds none for raw content
+    response = api.http.send(request)
+    assert response.status_code == 200, response.text
+    assert api.server.ledger()["tasks_created"] == 1
+
+
+def test_a_deeply_nested_control_body_is_a_400(api: Api) -> None:
+    control = api.server.base_url + "/_emulator/config"
+    assert_error(httpx.post(control, content=b"[" * 100_000), 400, 20001)
+
+
 def test_submit_answer_and_defaults(api: Api) -> None:
     before = time.time()
     response = api.submit("a lighthouse", n=1)
@@ -295,6 +343,7 @@ def test_full_size_png(api: Api) -> None:
     ],
 )
 def test_scaled_png_sizes(api: Api, size: str, pixels: tuple[int, int]) -> None:
+    api.server.configure(image_scale=0.25)
     url = api.wait(api.submit_ok(f"ratio {size}", size=size))["output"]["image_urls"][0]
     assert png_size(httpx.get(url).content) == pixels
 
@@ -329,7 +378,7 @@ def test_chinese_prompt_round_trips(api: Api) -> None:
     prompt = "一只在雪地里的红狐狸，水墨画风格"
     task_id = api.submit_ok(prompt, size="3:4")
     url = api.wait(task_id)["output"]["image_urls"][0]
-    assert png_size(httpx.get(url).content) == (224, 320)
+    assert png_size(httpx.get(url).content) == (896, 1280)
     assert api.server.tasks()[0]["prompt"] == prompt
     assert api.server.ledger()["submissions_by_prompt"] == {prompt: 1}
 

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from airflow_provider_imagen.api.models import SIZES
+from airflow_provider_imagen.api.models import PIXEL_SIZES, SIZES
 from airflow_provider_imagen.batch.engine import BatchSettings
 from airflow_provider_imagen.batch.manifest import MANIFEST_COLUMNS, read_manifest
 from tests.airflow_helpers import run_dag, task_states, try_numbers, xcoms
@@ -84,7 +84,12 @@ def test_300_rows_manifest_matches_the_ledger_row_by_row(
         if row.status == "completed":
             data = Path(row.image_uri.removeprefix("file://")).read_bytes()
             assert hashlib.sha256(data).hexdigest() == row.sha256 and len(data) == row.bytes
-            assert (row.width > row.height) == (row.size in ("4:3", "16:9"))
+            assert (row.width, row.height) == PIXEL_SIZES[row.size]
+            assert row.task_id in Path(row.image_uri).name  # a name no other paid task can take
+        elif row.status == "moderated":  # the API's own words, not a generic reason
+            assert (row.error_code, row.error_message) == (80006, "Request violates content policy")
+        else:
+            assert row.error_code is not None and row.error_message, row
     ledger = emulator.ledger()
     assert int(manifest["credits"].sum()) == ledger["net_credits"]
     assert max(ledger["submissions_by_prompt"].values()) == 1
@@ -322,3 +327,18 @@ def test_a_wrong_key_fails_before_any_post(
     assert not (tmp_path / "journal").exists()  # nothing was about to be paid
     out = capfd.readouterr().out
     assert "AuthenticationError" in out and "10003" in out and "rk_wrong_key_for_the_batch" not in out
+
+
+def test_images_at_the_wrong_pixel_size_are_not_filed_as_completed(emulator: Any, tmp_path: Path) -> None:
+    """The API answers every image at 1/8 of Imagen 4's size: each row is ``wrong_size`` (paid, kept on
+    storage, both sizes in the message), none ``completed``, and the run still ends."""
+    emulator.configure(image_scale=0.125)
+    rows = [{"prompt_id": f"w{i}", "prompt": f"a small lamp {i}", "size": SIZES[i]} for i in range(5)]
+    dr, manifest = run_batch(tmp_path, table(tmp_path / "prompts.parquet", rows))
+    assert task_states(dr) == {"generate": "success"}
+    assert manifest["status"].tolist() == ["wrong_size"] * 5
+    assert manifest["credits"].tolist() == [46] * 5
+    assert int(manifest["credits"].sum()) == emulator.ledger()["net_credits"]
+    first = manifest.iloc[0]
+    assert first["error_message"].startswith("the image is 128x128 px; Imagen 4 makes 1024x1024 px for 1:1")
+    assert Path(first["image_uri"]).read_bytes()  # the paid image is kept for a look

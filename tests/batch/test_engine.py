@@ -1,0 +1,90 @@
+"""Batch passes against the emulator over loopback, on a real journal: what a rerun of a task instance
+does when its table changed between tries."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
+from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
+from airflow_provider_imagen.batch.journal import Journal
+from airflow_provider_imagen.batch.manifest import RunIdentity, manifest_row
+from airflow_provider_imagen.batch.table import ImageSpec, expand_specs
+from airflow_provider_imagen.polling import poll_tasks
+
+IDENTITY = RunIdentity(dag_id="d", run_id="r", airflow_task_id="t")
+
+
+@pytest.fixture
+def client(emulator: Any) -> Iterator[ImagenClient]:
+    with ImagenClient(ClientSettings(api_key=emulator.api_key, base_url=emulator.base_url)) as c:
+        yield c
+
+
+def run_try(client: ImagenClient, journal: Journal, specs: list[ImageSpec], images: Path) -> Finish:
+    """One try of the task, passes and waits on this thread, as the operator runs them undeferred."""
+    now = time.time()
+    clock = RunClock(started_at=now, deadline=now + 60)
+    settings = BatchSettings(expected_render=0.2, poll_interval=0.1, linger=0)
+    outcome = None
+    while True:
+        step = BatchPass(
+            client=client,
+            journal=journal,
+            specs=specs,
+            images_root=str(images),
+            settings=settings,
+            clock=clock,
+        ).run(outcome)
+        if isinstance(step, Finish):
+            return step
+        outcome = poll_tasks(
+            client,
+            step.task_ids,
+            deadline=clock.deadline,
+            schedule=settings.schedule,
+            fire_when_done=step.fire_when_done,
+        )
+
+
+def test_a_prompt_edited_between_two_tries_is_generated_and_the_old_image_stays(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    rows = [{"prompt_id": f"p{i}", "prompt": f"a ceramic lamp, angle {i}"} for i in range(3)]
+    journal = Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r")
+    first = expand_specs(rows)
+    run_try(client, journal, first, tmp_path / "images")
+    before = journal.load()
+    old_uri = before[first[1].key].mirrored["uri"]
+    old_sha = before[first[1].key].mirrored["sha256"]
+
+    rows[1]["prompt"] = "a ceramic lamp, angle 1, now in blue"
+    second = expand_specs(rows)
+    run_try(client, journal, second, tmp_path / "images")
+    ledger = emulator.ledger()
+    assert ledger["posts"] == 4  # the three first ones, and the edited prompt once
+    assert ledger["submissions_by_prompt"]["a ceramic lamp, angle 1, now in blue"] == 1
+    after = journal.load()
+    new = after[second[1].key]
+    assert new.mirrored["uri"] != old_uri
+    assert hashlib.sha256(Path(old_uri).read_bytes()).hexdigest() == old_sha  # not overwritten
+    assert hashlib.sha256(Path(new.mirrored["uri"]).read_bytes()).hexdigest() == new.mirrored["sha256"]
+    for spec in (second[0], second[2]):  # unchanged rows: re-attached, not paid again
+        assert after[spec.key].task_ids == before[spec.key].task_ids
+
+    row = manifest_row(second[1], new, identity=IDENTITY)
+    assert row["status"] == "completed" and row["prompt"] == "a ceramic lamp, angle 1, now in blue"
+    assert row["credits"] == 92  # both requests were paid, the old one in the first try
+    assert f"its image stays at {old_uri}" in row["error_message"]
+    with pytest.raises(ValueError, match="never submitted"):  # the old request is not this entry's
+        manifest_row(first[1], new, identity=IDENTITY)
+    assert (
+        int(sum(manifest_row(s, after[s.key], identity=IDENTITY)["credits"] for s in second))
+        == (ledger["net_credits"])
+    )

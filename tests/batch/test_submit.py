@@ -1,0 +1,130 @@
+"""The submit loop against the emulator over loopback: interrupts, fencing, what each key is left with."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
+from airflow_provider_imagen.api.models import ImageRequest
+from airflow_provider_imagen.batch.fence import FencedError
+from airflow_provider_imagen.batch.journal import Journal
+from airflow_provider_imagen.batch.submit import submit_chunk
+
+
+class Interrupt(BaseException):
+    """Stands for what Airflow raises in a task: ``AirflowTaskTimeout``, ``AirflowTaskTerminated``."""
+
+
+def journal(tmp_path: Path) -> Journal:
+    return Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r")
+
+
+@pytest.fixture
+def client(emulator: Any) -> Iterator[ImagenClient]:
+    with ImagenClient(ClientSettings(api_key=emulator.api_key, base_url=emulator.base_url)) as c:
+        yield c
+
+
+def requests(n: int) -> dict[str, ImageRequest]:
+    return {f"p{i}|1:1|v0": ImageRequest(f"an interrupted lamp {i}", "1:1") for i in range(n)}
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Raise :class:`Interrupt` from SIGALRM, in the main thread, as ``execution_timeout`` does."""
+
+    def fire(signum: int, frame: Any) -> None:
+        raise Interrupt("execution_timeout")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_interrupt_while_the_post_awaits_its_answer_leaves_the_key_ambiguous(
+    emulator: Any, client: ImagenClient, tmp_path: Path, alarm: None
+) -> None:
+    """The emulator creates and charges the task, then answers after 1.5 s; the interrupt comes at 0.5 s.
+    The key must be unknown (it was paid), and the keys after it provably not sent."""
+    emulator.configure(response_delay=1.5)
+    j = journal(tmp_path)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    with pytest.raises(Interrupt):
+        submit_chunk(client, j, requests(3))
+    ledger = emulator.ledger()
+    assert ledger["posts"] == 1 and ledger["tasks_created"] == 1  # paid, and no answer reached us
+    entries = j.load()
+    first, *rest = sorted(entries)
+    assert entries[first].unknown_submit
+    assert "Interrupt" in (entries[first].ambiguous_reason or "")
+    assert entries[first].charged_submits == 1
+    for key in rest:
+        assert not entries[key].unknown_submit and entries[key].charged_submits == 0
+        assert (entries[key].rejected_reason or "").startswith("NotSentError")
+
+
+def test_an_interrupt_before_the_post_is_sent_leaves_nothing_unknown(
+    emulator: Any, client: ImagenClient, tmp_path: Path, alarm: None
+) -> None:
+    """An interrupt while the rate limiter sleeps before the first POST: nothing was sent, nothing is
+    unknown, and a retry may send every key."""
+    j = journal(tmp_path)
+    waited = threading.Event()
+
+    def slow_pace() -> None:
+        waited.set()
+        signal.pause()  # the alarm interrupts this wait
+
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    with pytest.raises(Interrupt):
+        submit_chunk(client, j, requests(2), pace=slow_pace)
+    assert waited.is_set() and emulator.ledger()["posts"] == 0
+    assert all(not e.unknown_submit and e.charged_submits == 0 for e in j.load().values())
+
+
+def test_a_fenced_try_sends_nothing_and_hands_its_keys_to_the_newer_try(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """Try A claims, a newer try B claims: A's next chunk writes its intents, finds B's lease before the
+    first POST, sends nothing and journals every key "not sent", so B may send them."""
+    a, b = journal(tmp_path), journal(tmp_path)
+    a.claim("try-a")
+    b.claim("try-b")
+    with pytest.raises(FencedError, match="another try of this task instance claimed the journal"):
+        submit_chunk(client, a, requests(3))
+    assert emulator.ledger()["posts"] == 0
+    entries = b.load()
+    assert len(entries) == 3
+    assert all(not e.unknown_submit and e.charged_submits == 0 for e in entries.values())
+    report = submit_chunk(client, b, requests(3))  # the owner sends them, once each
+    assert len(report.submitted) == 3 and emulator.ledger()["posts"] == 3
+
+
+def test_a_try_that_loses_the_lease_mid_chunk_stops_before_its_next_post(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """The newer try claims between two POSTs of the older try's chunk (from its rate limiter): the
+    older try has sent one POST, which is journalled as submitted, and sends no more."""
+    a, b = journal(tmp_path), journal(tmp_path)
+    a.claim("try-a")
+    calls = 0
+
+    def pace() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            b.claim("try-b")
+
+    with pytest.raises(FencedError):
+        submit_chunk(client, a, requests(3), pace=pace)
+    assert emulator.ledger()["posts"] == 1
+    entries = b.load()
+    assert sorted(e.charged_submits for e in entries.values()) == [0, 0, 1]
+    assert sum(1 for e in entries.values() if e.task_id) == 1
