@@ -272,10 +272,11 @@ def test_backfill_reruns_of_a_date_pay_once_for_an_edited_prompt_and_lose_nothin
     stack: Stack, workdir: Path, timings: dict[str, float]
 ) -> None:
     wait_for_dag(stack, BACKFILL)
-    dataset = workdir / "dataset"
+    # Inputs under in/, outputs under out/: the session's layout (test_security checks every file).
+    dataset = workdir / "in" / "dataset"
     shutil.copytree(DATA / "prompt_dataset" / f"ds={DS}", dataset / f"ds={DS}")
     part = dataset / f"ds={DS}" / "part-000.parquet"
-    out = workdir / "out"
+    out = workdir / "out" / "backfill"
     conf = {"dataset": str(dataset), "output_root": str(out)}
     partition = out / "partitions" / f"ds={DS}"
     published = out / "manifests" / f"ds={DS}" / "manifest.parquet"
@@ -462,11 +463,12 @@ def test_nightly_reruns_pay_once_for_an_edited_product_and_lose_nothing(
     stack: Stack, workdir: Path, timings: dict[str, float]
 ) -> None:
     wait_for_dag(stack, NIGHTLY)
-    catalog = workdir / "catalog.parquet"
+    catalog = workdir / "in" / "catalog.parquet"
+    catalog.parent.mkdir()
     frame = pd.read_parquet(DATA / "catalog" / "catalog.parquet").head(3)
     frame.to_parquet(catalog, index=False)
     surfaces = frame.set_index("prompt_id")["surfaces"].map(len)
-    out = workdir / "out"
+    out = workdir / "out" / "catalog"
     conf = {"catalog": str(catalog), "output_root": str(out)}
 
     def index() -> pd.DataFrame:
