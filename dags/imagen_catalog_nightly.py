@@ -137,7 +137,9 @@ with DAG(
 
         params, ti = context["params"], context["ti"]
         layout = OutputLayout.at(params["output_root"], ti.dag_id)
-        return publish_run(layout, ti.run_id, title=f"Catalog imagery · {context['ds']} · {ti.run_id}")
+        # A run triggered without a logical date (the Airflow 3 default for manual runs) has no ``ds``.
+        day = context.get("ds") or f"{context['dag_run'].run_after:%Y-%m-%d}"
+        return publish_run(layout, ti.run_id, title=f"Catalog imagery · {day} · {ti.run_id}")
 
     # [END howto_imagen_catalog_publish]
 

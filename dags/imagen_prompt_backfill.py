@@ -1,18 +1,21 @@
 r"""Backfill Google Imagen 4 images over a date-partitioned prompt dataset, one partition per run.
 
 The dataset is Hive-style: ``<dataset>/ds=YYYY-MM-DD/*.parquet`` (columns ``prompt_id``, ``prompt`` and an
-optional ``size``: a ratio or a list of ratios). The run of logical date ``ds``:
+optional ``size``: a ratio or a list of ratios). The run of date ``ds`` (its logical date, or the ``ds``
+param of a manual run):
 
 1. ``plan`` reads only ``ds=<ds>/`` and compares it with that partition's own index of images already
-   made (content key: model + prompt + size). A date that already completed plans nothing, so its
-   rerun costs zero credits and makes zero requests. A date with no folder is skipped.
+   made (content key: model + prompt + size + variation, the digest the operator's journal checks too).
+   A date that already completed plans nothing, so its rerun costs zero credits and makes zero
+   requests; an edited prompt is planned, and sent, once. A date with no folder is skipped.
 2. ``generate`` (:class:`ImagenBatchGenerateOperator`) makes what is missing into the partition's own
    folder, ``<output_root>/partitions/ds=<ds>/`` (images, journal, run manifests, index): runs of
    different dates never write the same file, so they can run side by side.
 3. ``publish`` folds the run into the partition's index and writes the partition's manifest,
-   ``<output_root>/manifests/ds=<ds>/manifest.parquet`` (per image, the latest run wins), with a contact
-   sheet and a gallery beside it. When nothing changed it keeps the manifest as it is, and skips, so no
-   Asset event is sent twice for the same data. The manifests folder is the Asset
+   ``<output_root>/manifests/ds=<ds>/manifest.parquet`` (per image, its latest outcome), with a contact
+   sheet and a gallery beside it. When no run manifest changed (by content: a rerun under the same run
+   id rewrites its run's manifest) it keeps the manifest as it is, and skips, so no Asset event is sent
+   twice for the same data. The manifests folder is the Asset
    ``imagen_prompt_backfill_manifests``.
 4. ``watcher`` fails the run when any task failed.
 
@@ -22,8 +25,14 @@ is the concurrency knob::
     airflow backfill create --dag-id imagen_prompt_backfill \
         --from-date 2026-01-01 --to-date 2026-01-03 --max-active-runs 2
 
+To make a date again after editing prompts, reprocess it with the edited data (in Airflow 3 this
+clears the date's run, under the same run id)::
+
+    airflow backfill create --dag-id imagen_prompt_backfill --from-date 2026-01-02 --to-date 2026-01-02 \
+        --reprocess-behavior completed --dag-run-conf '{"dataset": "<a copy with the edits>"}'
+
 Connection: ``imagen_default`` (type ``imagen``). Params: ``dataset``, ``output_root``, ``max_credits``
-(budget per run), ``imagen_conn_id``.
+(budget per run), ``imagen_conn_id``, ``ds`` (the date of a manual run, which has no logical date).
 """
 
 from __future__ import annotations
@@ -49,6 +58,19 @@ EXPECTED_RENDER = float(os.environ.get("IMAGEN_EXAMPLES_EXPECTED_RENDER", "10"))
 #: The published partition manifests, one ``ds=…`` folder each.
 BACKFILL_MANIFESTS = Asset(name="imagen_prompt_backfill_manifests", uri=manifests_asset_uri(OUTPUT_ROOT))
 
+
+def run_date(context: Any) -> str:
+    """Return the date a run works on: the ``ds`` param when set, else the run's logical date.
+
+    Airflow keeps one run per logical date, so a second run of a date that has one is a manual run with
+    no logical date (or another one) and the ``ds`` param naming the date.
+    """
+    ds = context["params"].get("ds") or context.get("ds")
+    if not ds:
+        raise AirflowFailException("this run has no logical date: set the ds param (YYYY-MM-DD)")
+    return str(ds)
+
+
 with DAG(
     dag_id="imagen_prompt_backfill",
     description="Imagen 4 over a ds-partitioned prompt dataset; reruns of finished dates cost nothing",
@@ -64,19 +86,25 @@ with DAG(
             None, type=["null", "integer"], minimum=0, description="Budget per run (46 per image)"
         ),
         "imagen_conn_id": Param("imagen_default", type="string"),
+        "ds": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^\d{4}-\d{2}-\d{2}$",
+            description="The date to make, for a manual run; default: the run's logical date",
+        ),
     },
     tags=["imagen", "example"],
 ) as dag:
     # [START howto_imagen_backfill_plan]
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def plan(**context: Any) -> bool:
-        """Plan this run's own partition (``ds`` of its logical date) against that partition's index."""
+        """Plan this run's own partition (``ds`` of its date) against that partition's index."""
         from airflow.sdk import ObjectStoragePath
 
         from airflow_provider_imagen.batch.table import read_prompt_table
         from airflow_provider_imagen.publish.runs import partition_layout, plan_run
 
-        params, ti, ds = context["params"], context["ti"], context["ds"]
+        params, ti, ds = context["params"], context["ti"], run_date(context)
         partition = f"ds={ds}"
         source = ObjectStoragePath(params["dataset"].rstrip("/") + f"/{partition}")
         if not source.exists():
@@ -111,7 +139,7 @@ with DAG(
         """Merge the partition's runs into its manifest and draw it; skip when nothing changed."""
         from airflow_provider_imagen.publish.runs import partition_layout, publish_run
 
-        params, ti, ds = context["params"], context["ti"], context["ds"]
+        params, ti, ds = context["params"], context["ti"], run_date(context)
         layout, manifest = partition_layout(params["output_root"], f"ds={ds}", ti.dag_id)
         result = publish_run(
             layout, ti.run_id, partition_manifest=manifest, title=f"Prompt backfill · ds={ds}"

@@ -12,10 +12,14 @@ Invariants:
   ``completed`` (with the mirrored image's URI) or ``moderated`` (refused by the content policy; the same
   prompt would be refused again, so it is not resent until the prompt changes, unless asked). Other
   outcomes (failed, timeout, unknown submit…) are not indexed, so the next run tries them again;
-- entries come only from manifests, and absorbing is idempotent (the URIs of absorbed manifests are kept
-  in the file's metadata) and order-independent (per key, the outcome with the latest time wins). A
-  publish that failed half-way can be repeated, and the next plan can absorb a manifest that such a
-  publish left behind instead of paying for its images again;
+- entries come only from manifests, and absorbing is idempotent (the names of absorbed manifests, with
+  the *version* of each that was read, are kept in the file's metadata) and order-independent (per key,
+  the outcome with the latest time wins). A publish that failed half-way can be repeated, and the next
+  plan can absorb a manifest that such a publish left behind instead of paying for its images again;
+- a manifest can change under the same name: a rerun that reuses its run id (a cleared task, a
+  reprocessed backfill) merges its rows into that run's manifest. A new version of an absorbed manifest
+  is absorbed again, and an entry that came from it is replaced when the new version lists another task
+  for the same key, so the index never points at a file that no longer lists its image;
 - the file is written whole (:func:`~airflow_provider_imagen.batch.storage.write_whole`): readers see
   the old index or the new one, never half. Updating it is read-modify-write, so one index file has one
   writer at a time: the nightly DAG runs with ``max_active_runs=1`` and the backfill keeps one index
@@ -50,6 +54,8 @@ from airflow_provider_imagen.batch.table import (
 INDEX_SCHEMA_VERSION: Final = 1
 _VERSION_KEY: Final = b"imagen_index_schema_version"
 _ABSORBED_KEY: Final = b"imagen_index_absorbed_manifests"
+#: ``{manifest name: version}`` of what was absorbed (an index written without it re-absorbs once).
+_VERSIONS_KEY: Final = b"imagen_index_absorbed_versions"
 #: Manifest statuses that make an index entry.
 INDEXED_STATUSES: Final = ("completed", "moderated")
 #: The index's key: one entry per requested image.
@@ -96,10 +102,22 @@ def content_key(prompt: str, size: str, variation: int = 0, model: str = MODEL) 
 
 @dataclass(frozen=True)
 class IndexState:
-    """The index in memory: its entries and the manifests already absorbed into it."""
+    """The index in memory: its entries and the manifests already absorbed into it.
+
+    ``versions`` maps an absorbed manifest's name to the version that was read (see
+    :func:`~airflow_provider_imagen.publish.runs.manifest_version`); a name absorbed without a version
+    has none.
+    """
 
     entries: pd.DataFrame
     absorbed: frozenset[str] = frozenset()
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    def has_absorbed(self, manifest_uri: str, version: str | None = None) -> bool:
+        """Return whether ``manifest_uri`` (at ``version``, when given) is already in the index."""
+        if manifest_uri not in self.absorbed:
+            return False
+        return version is None or self.versions.get(manifest_uri) == version
 
     @classmethod
     def empty(cls) -> IndexState:
@@ -136,7 +154,10 @@ def read_index(path: ObjectStoragePath | str) -> IndexState:
         return IndexState.empty()
     meta = table.schema.metadata or {}
     absorbed = json.loads(meta.get(_ABSORBED_KEY, b"[]").decode())
-    return IndexState(_frame(table.select(list(INDEX_COLUMNS)).to_pylist()), frozenset(absorbed))
+    versions = json.loads(meta.get(_VERSIONS_KEY, b"{}").decode())
+    return IndexState(
+        _frame(table.select(list(INDEX_COLUMNS)).to_pylist()), frozenset(absorbed), dict(versions)
+    )
 
 
 def write_index(state: IndexState, path: ObjectStoragePath | str) -> str:
@@ -146,6 +167,7 @@ def write_index(state: IndexState, path: ObjectStoragePath | str) -> str:
     metadata = {
         _VERSION_KEY: str(INDEX_SCHEMA_VERSION).encode(),
         _ABSORBED_KEY: json.dumps(sorted(state.absorbed)).encode(),
+        _VERSIONS_KEY: json.dumps(dict(sorted(state.versions.items()))).encode(),
     }
     table = pa.Table.from_arrays(arrays, schema=INDEX_SCHEMA.with_metadata(metadata))
     buffer = pa.BufferOutputStream()
@@ -160,16 +182,44 @@ def absorb_manifest(
     manifest: pd.DataFrame,
     manifest_uri: str,
     *,
+    version: str | None = None,
     model: str = MODEL,
     now: dt.datetime | None = None,
 ) -> IndexState:
     """Return ``state`` with the ``completed`` and ``moderated`` rows of one manifest folded in.
 
-    A manifest already absorbed changes nothing. Per key, the entry with the latest ``generated_at``
-    wins (a tie keeps the newcomer), so absorbing manifests in any order gives the same index.
+    A manifest already absorbed (at the same ``version``, when one is given) changes nothing. Per key,
+    the entry with the latest ``generated_at`` wins (a tie keeps the newcomer), so absorbing manifests
+    in any order gives the same index. Absorbing a new version of a manifest first drops the entries
+    that came from it and that the new version gives to another task: a rerun under the same run id
+    replaced them, so the file no longer lists their image. Entries whose key the new version does not
+    list at all are kept (dropping them would make the next plan pay for images that exist).
     """
-    if manifest_uri in state.absorbed:
+    if state.has_absorbed(manifest_uri, version):
         return state
+    entries = state.entries
+    if manifest_uri in state.absorbed and len(entries):
+        listed = {
+            (row["prompt_id"], row["size"], int(row["variation"])): _value(row.get("task_id"))
+            for row in manifest.to_dict("records")
+        }
+
+        def superseded(entry: Mapping[str, Any]) -> bool:
+            key = (entry["prompt_id"], entry["size"], int(entry["variation"]))
+            return (
+                entry["manifest_uri"] == manifest_uri
+                and key in listed
+                and listed[key] != _value(entry["task_id"])
+            )
+
+        keep = [not superseded(entry) for entry in entries.to_dict("records")]
+        if not all(keep):
+            entries = _frame(entries[keep].to_dict("records"))
+    versions = dict(state.versions)
+    if version is None:
+        versions.pop(manifest_uri, None)
+    else:
+        versions[manifest_uri] = version
     stamp_default = now or dt.datetime.now(dt.timezone.utc)
     new_rows: list[dict[str, Any]] = []
     for row in manifest.to_dict("records"):
@@ -200,7 +250,7 @@ def absorb_manifest(
                 "run_id": _value(row.get("run_id")),
             }
         )
-    merged = pd.concat([state.entries, _frame(new_rows)], ignore_index=True) if new_rows else state.entries
+    merged = pd.concat([entries, _frame(new_rows)], ignore_index=True) if new_rows else entries
     if new_rows:
         merged = _frame(
             merged.sort_values("generated_at", kind="stable")
@@ -208,7 +258,7 @@ def absorb_manifest(
             .sort_values(list(KEY_COLUMNS), kind="stable")
             .to_dict("records")
         )
-    return IndexState(merged, state.absorbed | {manifest_uri})
+    return IndexState(merged, state.absorbed | {manifest_uri}, versions)
 
 
 def _frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import hashlib
 import json
 import logging
 import posixpath
@@ -173,8 +174,45 @@ def run_manifests(layout: OutputLayout) -> list[ObjectStoragePath]:
     return sorted(found, key=_manifest_key)
 
 
+#: What :func:`manifest_version` takes from ``fs.info()``: the size, and the markers of a new object on
+#: S3 (``ETag``, ``VersionId``, ``LastModified``), GCS (``md5Hash``, ``generation``, ``updated``), Azure
+#: (``etag``, ``last_modified``) and file systems (``ino``, ``mtime``).
+_VERSION_FIELDS: Final = (
+    "size",
+    "ETag",
+    "VersionId",
+    "LastModified",
+    "md5Hash",
+    "generation",
+    "updated",
+    "etag",
+    "last_modified",
+    "ino",
+    "mtime",
+)
+
+
+def manifest_version(path: ObjectStoragePath) -> str:
+    """Return a short fingerprint of a manifest file's current content, from its store's metadata.
+
+    Why: a rerun that reuses a run id (a cleared task, a reprocessed backfill) rewrites that run's
+    manifest under the same name, so the list of names cannot tell whether anything changed. Every
+    manifest is written whole (a new file renamed over the old one, or one PUT), so the store's own
+    marker of a new object (an ETag or MD5 on S3/GCS, a generation, a new inode and mtime on a file
+    system) changes with every write; the size is part of it too. This reads metadata only, never the
+    files, so checking every run manifest costs one listing, not the manifests' bytes. A store that
+    reports none of these markers is hashed instead.
+    """
+    info = path.fs.info(path.path)
+    marks = {name: info[name] for name in _VERSION_FIELDS if info.get(name) not in (None, "")}
+    if set(marks) <= {"size"}:
+        marks["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    text = json.dumps({k: str(v) for k, v in marks.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def sync_index(layout: OutputLayout, *, model: str = MODEL) -> tuple[IndexState, list[str]]:
-    """Absorb every run manifest the index has not seen yet; return the index and what was absorbed.
+    """Absorb every run manifest the index has not seen as it is now; return the index and the names.
 
     Writes the index (whole) only when something was absorbed.
     """
@@ -182,9 +220,10 @@ def sync_index(layout: OutputLayout, *, model: str = MODEL) -> tuple[IndexState,
     absorbed: list[str] = []
     for path in run_manifests(layout):
         key = _manifest_key(path)
-        if key in state.absorbed:
+        version = manifest_version(path)
+        if state.has_absorbed(key, version):
             continue
-        state = absorb_manifest(state, read_manifest(path), key, model=model)
+        state = absorb_manifest(state, read_manifest(path), key, version=version, model=model)
         absorbed.append(key)
     if absorbed:
         write_index(state, layout.index)
@@ -225,8 +264,8 @@ def plan_run(
     state, recovered = sync_index(layout, model=model)
     if recovered:
         log.warning(
-            "The index had not absorbed %d earlier manifest(s) (a publish failed or did not run): %s. "
-            "Absorbed now, so their images are not paid for again.",
+            "The index had not absorbed %d run manifest(s) as they are now (a publish failed or did not "
+            "run): %s. Absorbed now, so their images are not paid for again.",
             len(recovered),
             ", ".join(recovered),
         )
@@ -308,9 +347,10 @@ def publish_run(
 
     Without ``partition_manifest`` (a nightly job): the sheet and the page go next to the run's manifest
     and ``latest.json`` points at them. With it (a backfill partition): every run manifest of the
-    partition is merged into that one manifest (per image, the latest run wins), drawn next to it, and
-    the list of merged manifests is written beside it; when that list has not changed, nothing is
-    rewritten (a rerun of a finished date keeps its manifest).
+    partition is merged into that one manifest (per image, its latest outcome), drawn next to it, and
+    the merged manifests with their versions (:func:`manifest_version`) are written beside it; when
+    none of them is new or rewritten since, nothing is rewritten (a rerun of a finished date keeps its
+    manifest, and a rerun that rewrote its run's manifest under the same run id is published).
 
     Returns ``published`` (whether anything was written besides the index), the URIs, counts and
     credits (JSON-safe).
@@ -333,16 +373,20 @@ def publish_run(
         manifest_uri = str(source)
     else:
         target = as_path(partition_manifest)
-        sources = [_manifest_key(p) for p in run_manifests(layout)]
+        paths = run_manifests(layout)
+        sources = {_manifest_key(p): manifest_version(p) for p in paths}
         sidecar = target.parent / SOURCES_NAME
         if not sources:
             result["reason"] = "no run of this partition generated anything yet"
             return result
-        if _exists(target) and _read_json(sidecar).get("sources") == sources:
-            result["reason"] = f"{target} is up to date with {len(sources)} run manifest(s); kept as it is"
+        if _exists(target) and _read_json(sidecar).get("versions") == sources:
+            result["reason"] = (
+                f"{target} is up to date with {len(sources)} run manifest(s), none changed since it "
+                "was written; kept as it is"
+            )
             result["manifest_uri"] = str(target)
             return result
-        frame = merge_manifests([read_manifest(p) for p in run_manifests(layout)])
+        frame = merge_manifests([read_manifest(p) for p in paths])
         manifest_uri = write_manifest(_records(frame), target)
         folder = target.parent
     counts = {k: v for k, v in manifest_counts(frame).items() if v}
@@ -371,10 +415,9 @@ def publish_run(
         pointer = {"dag_id": layout.dag_id, "run_id": run_id, **result, "published_at": _now_iso()}
         write_whole(layout.latest, json.dumps(pointer, indent=2).encode())
     else:
-        sources = [_manifest_key(p) for p in run_manifests(layout)]
-        write_whole(
-            folder / SOURCES_NAME, json.dumps({"sources": sources, "published_at": _now_iso()}).encode()
-        )
+        # The versions read before merging: a run manifest rewritten meanwhile is merged next time.
+        sidecar_body = {"sources": sorted(sources), "versions": sources, "published_at": _now_iso()}
+        write_whole(folder / SOURCES_NAME, json.dumps(sidecar_body, indent=2).encode())
     log.info(
         "Published %s: %s; %d credits. Contact sheet %s, gallery %s.",
         manifest_uri,
@@ -387,20 +430,26 @@ def publish_run(
 
 
 def merge_manifests(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Return one manifest from several runs' manifests: per image, the row of the latest run.
+    """Return one manifest from several runs' manifests: per image, its latest outcome.
 
-    A run is dated by the latest submit or completion in its manifest (a run that sent nothing counts as
-    the oldest), so a rerun that generated only what was missing replaces just those rows.
+    A row is dated by its own completion or submit; a row with neither (never sent) by the latest time
+    of its manifest, and a manifest that sent nothing counts as the oldest. Rows are compared one by
+    one, not run by run: a run id reused by a rerun keeps its old rows beside its new ones, so a run's
+    latest time says nothing about its other rows.
     """
-    stamped = []
-    for frame in frames:
-        times = pd.concat([frame["submitted_at"], frame["completed_at"]]).dropna()
-        stamped.append((times.max() if len(times) else pd.Timestamp.min.tz_localize("UTC"), frame))
-    ordered = [frame for _, frame in sorted(stamped, key=lambda item: item[0])]
-    if not ordered:
+    oldest = pd.Timestamp.min.tz_localize("UTC")
+    dated = []
+    for order, frame in enumerate(frames):
+        if not len(frame):
+            continue
+        own = pd.concat([frame["submitted_at"], frame["completed_at"]]).dropna()
+        run_time = own.max() if len(own) else oldest
+        row_time = frame["completed_at"].combine_first(frame["submitted_at"]).fillna(run_time)
+        dated.append(frame.assign(_at=pd.to_datetime(row_time, utc=True), _order=order))
+    if not dated:
         return pd.DataFrame(columns=list(MANIFEST_COLUMNS))
-    merged = pd.concat(ordered, ignore_index=True)
-    merged = merged.drop_duplicates(list(KEY_COLUMNS), keep="last")
+    merged = pd.concat(dated, ignore_index=True).sort_values(["_at", "_order"], kind="stable")
+    merged = merged.drop_duplicates(list(KEY_COLUMNS), keep="last").drop(columns=["_at", "_order"])
     return merged.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
 
 

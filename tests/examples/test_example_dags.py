@@ -250,9 +250,13 @@ def test_editing_one_prompt_regenerates_exactly_that_row(examples_env: Any, samp
         ["prompt_id", "size"]
     )
     assert after.index.equals(before.index)
-    # Same file names (a product's image keeps its URL), new content.
     changed = after.index[after["sha256"].fillna("") != before["sha256"].fillna("")]
     assert sorted(changed) == [("SKU-1005", "16:9"), ("SKU-1005", "1:1"), ("SKU-1005", "4:3")]
+    # A new image is a new file (named by its task id): the one paid for the old prompt is kept.
+    for key in changed:
+        old_image, new_image = local(before.loc[key, "image_uri"]), local(after.loc[key, "image_uri"])
+        assert old_image != new_image and old_image.exists() and new_image.exists()
+        assert hashlib.sha256(old_image.read_bytes()).hexdigest() == before.loc[key, "sha256"]
     assert (after.loc["SKU-1005", "prompt"] == edited).all()
     assert (after.drop(index="SKU-1005")["content_key"] == before.drop(index="SKU-1005")["content_key"]).all()
 

@@ -187,6 +187,23 @@ def test_the_written_plan_expands_in_the_operator_to_exactly_the_planned_images(
     assert all(s.valid for s in specs)
 
 
+def test_the_index_and_the_operator_agree_on_what_the_same_image_is(tmp_path: Path) -> None:
+    """The plan compares content keys; the operator's journal re-attaches by the spec's digest. One
+    function makes both, so an image the plan calls changed is one the journal will not re-attach."""
+    table = catalog()
+    specs = expand_specs(table, size_column="sizes")
+    index = index_of(table, tmp_path)
+    keys = {(e.prompt_id, e.size): e.content_key for e in index.entries.itertuples()}
+    for spec in specs:
+        assert spec.digest == content_key(spec.prompt, spec.size, spec.variation)
+        assert spec.digest == keys[(spec.prompt_id, spec.size)]
+    edited = table.copy()
+    edited.loc[1, "prompt"] = "a ripe banana"
+    changed = [s for s in expand_specs(edited, size_column="sizes") if s.digest not in keys.values()]
+    planned = plan_increment(edited, index, size_column="sizes")
+    assert [(s.prompt_id, s.size) for s in changed] == [("b", "9:16")] and planned.images == 1
+
+
 # -- the index ---------------------------------------------------------------------------------------
 
 
@@ -261,8 +278,105 @@ def test_partition_manifest_merges_runs_latest_first_and_is_kept_when_nothing_ch
     frame = read_manifest(target)
     assert frame["run_id"].tolist() == ["run-1", "run-2"]
     assert len(merge_manifests([])) == 0
+    assert merge_manifests([as_frame([], tmp_path, "empty.parquet")]).empty
     with pytest.raises(ValueError, match="key=value"):
         partition_layout(str(tmp_path), "2026-01-01", "backfill")
+
+
+def rerun_rows(run: str = "run-1") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A run's manifest before and after a rerun under the same run id that regenerated ``b`` with a
+    new prompt: the rerun's writer keeps the rows it did not touch and replaces ``b``'s."""
+    before = manifest_rows(("a", "apple", "1:1", "completed"), ("b", "banana", "1:1", "completed"), run=run)
+    edited = manifest_rows(("b", "a ripe banana", "1:1", "completed"), at=T0 + dt.timedelta(days=1), run=run)[
+        0
+    ]
+    edited.update(task_id="task_rerun", image_uri="/img/b-1x1-rerun.png", sha256="rerun", row=1)
+    return before, [before[0], edited]
+
+
+def test_a_rerun_under_the_same_run_id_is_absorbed_and_published_again(tmp_path: Path) -> None:
+    layout, target = partition_layout(str(tmp_path / "out"), "ds=2026-01-01", "backfill")
+    before, after = rerun_rows()
+    write_manifest(before, layout.manifest("run-1"))
+    first = publish_run(layout, "run-1", partition_manifest=target)
+    assert first["published"] and first["absorbed"] == ["dag_id=backfill/run_id=run-1/generate.parquet"]
+    assert not publish_run(layout, "run-1", partition_manifest=target)["published"]
+
+    # Same path, same run id, new content: the list of paths is the same, the content is not.
+    write_manifest(after, layout.manifest("run-1"))
+    second = publish_run(layout, "run-1", partition_manifest=target)
+    assert second["published"] and second["absorbed"] == first["absorbed"]
+    published = read_manifest(target).set_index("prompt_id")
+    assert published.loc["b", "prompt"] == "a ripe banana" and published.loc["b", "task_id"] == "task_rerun"
+    assert published.loc["a", "task_id"] == "task_run-1_0" and len(published) == 2
+    entries = read_index(layout.index).entries.set_index("prompt_id")
+    assert entries.loc["b", "image_uri"] == "/img/b-1x1-rerun.png" and entries.loc["b", "sha256"] == "rerun"
+    assert entries.loc["a", "sha256"] == "run-10"
+    # Every index entry points at a manifest that lists its image.
+    for entry in read_index(layout.index).entries.itertuples():
+        listed = read_manifest(str(layout.root / "manifests" / entry.manifest_uri))
+        assert entry.task_id in set(listed["task_id"])
+    again = publish_run(layout, "run-1", partition_manifest=target)
+    assert not again["published"] and "none changed" in again["reason"]
+    plan = plan_run(
+        pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["apple", "a ripe banana"], "size": ["1:1"] * 2}),
+        layout,
+        "run-1",
+    )
+    assert (plan["images"], plan["unchanged"], plan["recovered_manifests"]) == (0, 2, 0)
+
+
+def test_a_manifest_version_changes_with_every_rewrite_of_the_file(tmp_path: Path) -> None:
+    from airflow_provider_imagen.batch.storage import as_path
+    from airflow_provider_imagen.publish.runs import manifest_version
+
+    path = as_path(str(tmp_path / "m.parquet"))
+    rows = manifest_rows(("a", "apple", "1:1", "completed"))
+    write_manifest(rows, path)
+    first = manifest_version(path)
+    assert manifest_version(path) == first
+    write_manifest(rows, path)  # the same bytes, written again: another object
+    assert manifest_version(path) != first
+
+
+def test_a_new_version_of_a_manifest_replaces_only_what_it_gives_to_another_task(tmp_path: Path) -> None:
+    before, after = rerun_rows()
+    state = absorb_manifest(IndexState.empty(), as_frame(before, tmp_path, "1.parquet"), "m", version="v1")
+    assert state.has_absorbed("m", "v1") and not state.has_absorbed("m", "v2")
+    assert absorb_manifest(state, as_frame(after, tmp_path, "2.parquet"), "m", version="v1") is state
+
+    # The new version ends b's rerun as failed: the old image is no longer listed by "m", so the index
+    # forgets it (its prompt changed: the next plan would send it anyway).
+    failed = dict(after[1], status="failed", image_uri=None, sha256=None, credits=0)
+    dropped = absorb_manifest(state, as_frame([after[0], failed], tmp_path, "3.parquet"), "m", version="v2")
+    assert dropped.entries["prompt_id"].tolist() == ["a"] and dropped.versions == {"m": "v2"}
+    # A version that lists fewer rows drops nothing: an image is never forgotten for a missing row.
+    fewer = absorb_manifest(state, as_frame([after[1]], tmp_path, "4.parquet"), "m", version="v3")
+    assert fewer.entries.set_index("prompt_id").loc["a", "sha256"] == "run-10"
+    assert fewer.entries.set_index("prompt_id").loc["b", "sha256"] == "rerun"
+
+    # An index written before versions were kept absorbs each manifest once more, with the same result.
+    legacy = IndexState(state.entries, state.absorbed)
+    again = absorb_manifest(legacy, as_frame(before, tmp_path, "5.parquet"), "m", version="v1")
+    pd.testing.assert_frame_equal(again.entries, state.entries)
+    path = tmp_path / "index.parquet"
+    write_index(again, path)
+    assert read_index(path).versions == {"m": "v1"}
+
+
+def test_merged_partition_manifest_takes_each_images_latest_outcome_not_its_runs(tmp_path: Path) -> None:
+    """A run id reused by a rerun holds old rows beside new ones: its latest time says nothing about
+    its old rows, so a row of another run made in between must win over them."""
+    old, reused = rerun_rows("run-1")
+    between = manifest_rows(
+        ("a", "apple v2", "1:1", "completed"), at=T0 + dt.timedelta(hours=12), run="run-2"
+    )
+    merged = merge_manifests(
+        [as_frame(reused, tmp_path, "1.parquet"), as_frame(between, tmp_path, "2.parquet")]
+    ).set_index("prompt_id")
+    assert merged.loc["a", "run_id"] == "run-2" and merged.loc["a", "prompt"] == "apple v2"
+    assert merged.loc["b", "task_id"] == "task_rerun"
+    assert len(old) == 2
 
 
 # -- contact sheet and gallery -----------------------------------------------------------------------
