@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import ObjectStoragePath
@@ -40,129 +39,26 @@ from airflow_provider_imagen.api.errors import (
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
 from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_window
-from airflow_provider_imagen.polling import PollOutcome, PollSchedule
+from airflow_provider_imagen.polling import PollOutcome
 
 if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
 
-log = logging.getLogger(__name__)
-
-
-#: Refusals that stop a try's submits (every other POST would be refused the same way), by error name.
-_STOPPING_REFUSALS = (
-    ("InsufficientCreditsError", "insufficient_credits"),
-    ("AuthenticationError", "authentication"),
+from airflow_provider_imagen.batch.base import (  # noqa: F401 - re-exported: where callers import them
+    STOP_REASONS,
+    BatchSettings,
+    Finish,
+    RunClock,
+    StopReason,
+    StopRequestedError,
+    Wait,
 )
 
-
-class StopRequestedError(RuntimeError):
-    """Airflow asked the task to stop while it was submitting; nothing more was sent. Safe to retry."""
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """The knobs of a batch run that shape its passes (all JSON-safe)."""
-
-    max_in_flight: int = 100
-    #: Come back to the worker once this share of the window has ended (at least one task).
-    refill_fraction: float = 0.25
-    max_credits: int | None = None
-    resubmit_unknown: bool = False
-    #: POSTs per second at most; ``None`` for as fast as the API answers (429s are still honoured).
-    max_submit_rate: float | None = 20.0
-    #: Submits journalled per segment: a crash mid-chunk leaves up to this many unknown submits. ``None``:
-    #: 1 on a local journal (a write costs microseconds), 10 on an object store (a write is a PUT).
-    journal_chunk: int | None = None
-    #: Parallel downloads when mirroring.
-    mirror_concurrency: int = 8
-    #: POSTs in flight at once (each still journalled before it is sent).
-    submit_concurrency: int = 4
-    #: Seconds between progress lines.
-    progress_interval: float = 30.0
-    #: Wait on the worker instead of deferring when the next task is due to end within this many seconds
-    #: (and, while rows wait for room in the window, whenever tasks are rendering: see
-    #: :func:`airflow_provider_imagen.batch.window.linger_for`). ``0`` always defers.
-    linger: float = 5.0
-    #: Seconds after its submit at which a task is first polled (the poll schedule's first poll).
-    expected_render: float = 10.0
-    #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).
-    poll_interval: float = 2.0
-    #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
-    check_pixel_size: bool = True
-
-    @property
-    def schedule(self) -> PollSchedule:
-        """Return the poll schedule of this batch (the trigger's and the worker's)."""
-        return PollSchedule(expected_render=self.expected_render, poll_interval=self.poll_interval)
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight={self.max_in_flight}: must be at least 1")
-        if not 0 < self.refill_fraction <= 1:
-            raise ValueError(f"refill_fraction={self.refill_fraction}: must be in (0, 1]")
-        if self.max_credits is not None and self.max_credits <= 0:
-            raise ValueError(
-                f"max_credits={self.max_credits}: must be a positive number of credits "
-                f"({CREDITS_PER_IMAGE} per image), or None for no budget"
-            )
-        if self.max_submit_rate is not None and self.max_submit_rate <= 0:
-            raise ValueError(f"max_submit_rate={self.max_submit_rate}: must be positive, or None")
-
-
-@dataclass
-class RunClock:
-    """Wall-clock facts of one try that must survive between passes (they ride the deferral kwargs)."""
-
-    #: When this try started (epoch seconds).
-    started_at: float
-    #: When this try must stop waiting (epoch seconds).
-    deadline: float
-    #: When the last progress line was logged.
-    progress_at: float = 0.0
-    #: The effective budget for this try (``max_credits`` capped by a balance check), if any.
-    budget: int | None = None
-    #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
-    epoch: int | None = None
-
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the JSON-safe form for ``defer(kwargs=…)``."""
-        return {
-            "started_at": self.started_at,
-            "deadline": self.deadline,
-            "progress_at": self.progress_at,
-            "budget": self.budget,
-            "epoch": self.epoch,
-        }
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Poll these tasks until ``fire_when_done`` of them end, then run another pass."""
-
-    task_ids: list[str]
-    submitted_at: list[float | None]
-    fire_when_done: int
-    #: The ids were already polled on their grids up to this time (``None`` on a try's first pass).
-    polled_until: float | None = None
-    #: Wait on the worker for at most this many seconds, then run another pass (``None``: defer).
-    linger: float | None = None
-
-
-@dataclass
-class Finish:
-    """Nothing is left to do (or the run stopped): write the manifest with these overrides."""
-
-    #: key → (status, reason) for requests the journal cannot describe alone.
-    overrides: dict[str, tuple[str, str]] = field(default_factory=dict)
-    #: Why the run stopped early, if it did.
-    stopped: str | None = None
-    #: The API's own answer when it refused the run as a whole (e.g. a wrong key), to fail the task with.
-    error: str | None = None
-    #: Paid images still not mirrored (and not expired): the try must fail so a retry mirrors them.
-    unmirrored: int = 0
+log = logging.getLogger(__name__)
 
 
 class BatchPass:
@@ -177,7 +73,7 @@ class BatchPass:
         images_root: ObjectStoragePath | str,
         settings: BatchSettings,
         clock: RunClock,
-        known_tasks: dict[str, Task] | None = None,
+        answers: dict[str, Task] | None = None,
         entries: dict[str, JournalEntry] | None = None,
         stop: threading.Event | None = None,
         now: Callable[[], float] = time.time,
@@ -196,7 +92,7 @@ class BatchPass:
         self._by_key = {spec.key: spec for spec in specs}
         self.schedule = settings.schedule
         #: Terminal answers seen on this worker (URLs included): mirroring needs no second GET for them.
-        self.known_tasks = known_tasks if known_tasks is not None else {}
+        self.answers = answers if answers is not None else {}
         self._logged_progress = False
 
     # -- the pass ------------------------------------------------------------------------------
@@ -293,15 +189,16 @@ class BatchPass:
             stop_submitting=stop_submitting,
         )
 
-    def _stop_reason(self) -> str | None:
+    def _stop_reason(self) -> StopReason | None:
         """Return why no more may be submitted in this try, if anything forbids it."""
         if self.now() >= self.clock.deadline:
             return "deadline"
         for entry in self.entries.values():
-            if entry.rejected_reason and (entry.rejected_at or 0) >= self.clock.started_at:
-                for prefix, reason in _STOPPING_REFUSALS:
-                    if entry.rejected_reason.startswith(prefix):
-                        return reason
+            if (
+                entry.rejected_kind in ("insufficient_credits", "authentication")
+                and (entry.rejected_at or 0) >= self.clock.started_at
+            ):
+                return entry.rejected_kind  # type: ignore[return-value]
         return None
 
     def _sweep(self, now: float) -> None:
@@ -329,7 +226,7 @@ class BatchPass:
                 return None  # the next poller will ask again
             if not task.is_terminal:
                 return None
-            self.known_tasks[task_id] = task
+            self.answers[task_id] = task
             return record(
                 "terminal",
                 key,
@@ -384,7 +281,7 @@ class BatchPass:
         A poller on this worker kept the answer; after the triggerer, one free GET asks for it. The
         message is worth that GET: it is what the manifest tells the user about a refused prompt.
         """
-        task = self.known_tasks.get(task_id)
+        task = self.answers.get(task_id)
         if task is None:
             try:
                 task = self.client.get_task(task_id)
@@ -401,7 +298,7 @@ class BatchPass:
             name = image_file_name(spec.prompt_id, spec.size, spec.variation, entry.task_id)
             dest = self.images_root / name
             try:
-                task = self.known_tasks.pop(entry.task_id or "", None) or self.client.get_task(
+                task = self.answers.pop(entry.task_id or "", None) or self.client.get_task(
                     entry.task_id or ""
                 )
                 if not task.image_url:
@@ -430,7 +327,7 @@ class BatchPass:
             log.warning("Could not mirror %s: %s", r["k"], r["reason"])
         self._write(records)
 
-    def _submit(self, specs: Sequence[ImageSpec]) -> str | None:
+    def _submit(self, specs: Sequence[ImageSpec]) -> StopReason | None:
         """Submit in journalled chunks, a few at a time, at the bounded rate.
 
         Returns a stop reason when the API ran out of credits (the other chunks then stop too).
@@ -544,7 +441,7 @@ class BatchPass:
             eta,
         )
 
-    def _finish(self, plan: WindowPlan, stop: str | None) -> Finish:
+    def _finish(self, plan: WindowPlan, stop: StopReason | None) -> Finish:
         self._progress(plan, force=True)
         finish = Finish(stopped=stop)
         if plan.in_flight:  # the deadline passed with tasks still rendering
@@ -552,23 +449,23 @@ class BatchPass:
             finish.stopped = finish.stopped or "deadline"
         for spec in plan.waiting:
             if stop == "insufficient_credits":
-                finish.overrides[spec.key] = ("skipped_budget", "the API reported insufficient credits")
+                finish.overrides[spec.key] = (SKIPPED_BUDGET, "the API reported insufficient credits")
             elif stop in ("authentication", "unreachable"):
-                finish.overrides[spec.key] = ("not_submitted", f"not sent: submitting stopped ({stop})")
+                finish.overrides[spec.key] = (NOT_SUBMITTED, f"not sent: submitting stopped ({stop})")
             elif stop == "deadline":
-                finish.overrides[spec.key] = ("not_submitted", "the run's deadline passed before its turn")
+                finish.overrides[spec.key] = (NOT_SUBMITTED, "the run's deadline passed before its turn")
             else:
                 finish.overrides[spec.key] = (
-                    "skipped_budget",
+                    SKIPPED_BUDGET,
                     f"max_credits={self.clock.budget} would be exceeded ({CREDITS_PER_IMAGE} per image)",
                 )
         for key in plan.rejected:
             reason = self.entries[key].rejected_reason or "refused by the API"
             # Keys never sent are not here: the plan puts them back with the rows still to send.
-            if stop == "insufficient_credits" and reason.startswith("InsufficientCreditsError"):
-                finish.overrides[key] = ("skipped_budget", "the API reported insufficient credits")
+            if stop == "insufficient_credits" and self.entries[key].rejected_kind == "insufficient_credits":
+                finish.overrides[key] = (SKIPPED_BUDGET, "the API reported insufficient credits")
             else:
-                finish.overrides[key] = ("rejected", reason)
+                finish.overrides[key] = (REJECTED, reason)
                 finish.error = finish.error or reason
         if stop in ("authentication", "unreachable"):
             finish.stopped = stop
@@ -576,7 +473,7 @@ class BatchPass:
             if key not in self._by_key or not entry.matches(self._by_key[key].digest):
                 continue
             if entry.expired:
-                finish.overrides[key] = ("expired", entry.mirror_error or "image URL expired")
+                finish.overrides[key] = (EXPIRED, entry.mirror_error or "image URL expired")
             elif entry.status == "completed" and entry.mirrored is None and not entry.mirror_final:
                 finish.unmirrored += 1
         return finish

@@ -39,13 +39,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
-from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.batch import fence
 from airflow_provider_imagen.batch.fence import FencedError, Lease
-from airflow_provider_imagen.batch.storage import as_path, read_bytes, write_whole
+from airflow_provider_imagen.batch.storage import as_path, path_part, read_bytes, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,17 @@ _LOAD_ATTEMPTS: Final = 5
 #: Compact the journal into one snapshot when a read finds more segments than this.
 DEFAULT_COMPACT_OVER: Final = 200
 
+
+RefusalKind = Literal["not_sent", "authentication", "insufficient_credits", "refused"]
+#: Why a POST provably created nothing, as decisions need it: never sent (send it now), a wrong key or an
+#: empty account (every other POST would be refused the same way: stop), or any other refusal.
+REFUSAL_KINDS: Final[tuple[str, ...]] = ("not_sent", "authentication", "insufficient_credits", "refused")
+#: Error names in the ``reason`` of journals written before ``rejected`` records carried a ``kind``.
+_KIND_OF_ERROR: Final = {
+    "NotSentError": "not_sent",
+    "AuthenticationError": "authentication",
+    "InsufficientCreditsError": "insufficient_credits",
+}
 
 #: Outcomes of one submit attempt (one intent): sent and answered, sent with no answer, or provably
 #: nothing created.
@@ -113,7 +123,8 @@ class JournalEntry:
     mismatch: str | None = None
     #: Set when a deadline passed while the task was still processing.
     timed_out_at: float | None = None
-    #: Why the last submit was rejected, and when (a rejection clears the intent).
+    #: Why the last submit was rejected (its kind, and the API's words), and when.
+    rejected_kind: RefusalKind | None = None
     rejected_reason: str | None = None
     rejected_at: float | None = None
     #: Why mirroring the latest task's image failed after retries, when, and whether its URL expired.
@@ -162,11 +173,17 @@ class JournalEntry:
         # Every task id is a POST that was answered, whether or not its intent is known here.
         return self.earlier_charged + max(sent, len(self.task_ids)) - refunded
 
+    def sent_since(self, since: float) -> int:
+        """Return how many POSTs of this request were sent (or may have been) at or after ``since``."""
+        return sum(
+            1 for a, o in self.attempts.items() if o != REJECTED and self.attempted_at.get(a, 0) >= since
+        )
+
     def charged_since(self, since: float) -> int:
         """Return the POSTs made at or after ``since`` that may have been charged and not refunded."""
-        sent = [a for a, o in self.attempts.items() if o != REJECTED and self.attempted_at.get(a, 0) >= since]
+        sent = self.sent_since(since)
         refunded = 1 if sent and self.task_ids and self.status in ("failed", "not_found") else 0
-        return len(sent) - refunded
+        return sent - refunded
 
     def matches(self, digest: str | None) -> bool:
         """Return whether this entry's request is ``digest`` (journals without digests always match)."""
@@ -187,7 +204,7 @@ class JournalEntry:
                 self.attempts[attempt] = PENDING
                 self.attempted_at[attempt] = record.get("ts") or 0.0
                 self.ambiguous_reason = None
-                self.rejected_reason = self.rejected_at = None
+                self.rejected_kind = self.rejected_reason = self.rejected_at = None
         elif kind == "submitted":
             if self._settle(attempt, SUBMITTED) and record["task_id"] not in self.task_ids:
                 self.task_ids.append(record["task_id"])
@@ -201,6 +218,9 @@ class JournalEntry:
             if self._settle(attempt, REJECTED):
                 self.rejected_reason = record.get("reason")
                 self.rejected_at = record.get("ts")
+                self.rejected_kind = record.get("refusal") or _KIND_OF_ERROR.get(
+                    (self.rejected_reason or "").split(":", 1)[0], "refused"
+                )
         elif kind == "ambiguous":
             if self._settle(attempt, AMBIGUOUS):
                 self.ambiguous_reason = record.get("reason")
@@ -291,7 +311,9 @@ class Journal:
         self._next_seq: int | None = None
         #: The try this object writes for; every paid POST checks it first (see :meth:`claim`).
         self.lease: Lease | None = None
-        self.path = as_path(root) / _part(dag_id) / _part(run_id) / _part(task_id) / f"map_{map_index}"
+        self.path = (
+            as_path(root) / path_part(dag_id) / path_part(run_id) / path_part(task_id) / f"map_{map_index}"
+        )
 
     @classmethod
     def for_task_instance(cls, root: ObjectStoragePath | str, context: Mapping[str, Any]) -> Journal:
@@ -419,12 +441,6 @@ class Journal:
 def record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:
     """Return one journal record of ``kind`` for request ``key``, stamped with the wall-clock time."""
     return {"e": kind, "k": key, "ts": time.time(), **fields}
-
-
-def _part(value: str) -> str:
-    """Return ``value`` as one safe path segment (no ``/``, no ``..``)."""
-    quoted = quote(str(value), safe="-_.+=@,")
-    return quoted if quoted not in (".", "..", "") else quoted.replace(".", "%2E") or "%00"
 
 
 def _seq(name: str) -> int:

@@ -7,7 +7,8 @@ manifest's URI, its counts and its credits.
 Invariants:
 - the schema lives here and only here (:data:`MANIFEST_SCHEMA`, version :data:`SCHEMA_VERSION` in the
   Parquet metadata); changing a field is a deliberate, versioned act, and a test pins it;
-- every row's ``status`` is one of :data:`STATUSES`; the writer refuses anything else;
+- every row's ``status`` is one of :data:`~airflow_provider_imagen.batch.status.STATUSES` (the one
+  vocabulary, in :mod:`airflow_provider_imagen.batch.status`); the writer refuses anything else;
 - a row's ``credits`` are 46 × the POSTs of its request that may have been charged and not refunded
   (:attr:`~airflow_provider_imagen.batch.journal.JournalEntry.charged_submits`), whenever they were
   paid: so the manifest's total is what the API charged, including images paid for and lost, and is
@@ -24,8 +25,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, get_args
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,7 +34,27 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen.api.errors import MODERATION_CODE
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
-from airflow_provider_imagen.batch.storage import as_path, read_bytes, write_whole
+from airflow_provider_imagen.batch.status import (  # noqa: F401 - the vocabulary, where users found it
+    CHARGED_STATUSES,
+    COMPLETED,
+    DOWNLOAD_FAILED,
+    EXPIRED,
+    FAILED,
+    INVALID,
+    MODERATED,
+    NOT_FOUND,
+    NOT_SUBMITTED,
+    REJECTED,
+    SKIPPED_BUDGET,
+    STATUSES,
+    TIMEOUT,
+    UNKNOWN_SUBMIT,
+    WRONG_SIZE,
+    ManifestStatus,
+    check_status,
+    credits_for,
+)
+from airflow_provider_imagen.batch.storage import as_path, path_part, read_bytes, write_whole
 from airflow_provider_imagen.batch.table import ImageSpec, is_dataframe
 
 if TYPE_CHECKING:
@@ -44,69 +64,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION: Final = 1
 #: Parquet schema-metadata key holding :data:`SCHEMA_VERSION`.
 SCHEMA_VERSION_KEY: Final = b"imagen_manifest_schema_version"
-
-ManifestStatus = Literal[
-    "completed",
-    "failed",
-    "moderated",
-    "invalid",
-    "unknown_submit",
-    "timeout",
-    "skipped_budget",
-    "expired",
-    "not_found",
-    "download_failed",
-    "not_submitted",
-    "rejected",
-    "wrong_size",
-]
-#: Every status a manifest row may have, in this order in counts.
-STATUSES: Final[tuple[str, ...]] = get_args(ManifestStatus)
-
-#: The image was rendered and mirrored to storage; ``image_uri`` points at it. Charged.
-COMPLETED: Final = "completed"
-#: The task ended ``failed`` for a reason other than moderation. Refunded by the API.
-FAILED: Final = "failed"
-#: The task ended ``failed`` with code 80006 (content policy). Refunded by the API.
-MODERATED: Final = "moderated"
-#: The row broke a rule of the contract or of the table; it was never sent. Free.
-INVALID: Final = "invalid"
-#: A POST was sent but its outcome is unknown (timeout, 5xx, dropped answer). Assumed charged; never
-#: retried silently, because retrying could pay twice.
-UNKNOWN_SUBMIT: Final = "unknown_submit"
-#: The task was created (and charged) but had not finished when the deadline passed. It may still
-#: finish; a retry of the Airflow task re-attaches to it.
-TIMEOUT: Final = "timeout"
-#: Not sent because the run's credit budget would have been exceeded. Free.
-SKIPPED_BUDGET: Final = "skipped_budget"
-#: The image URL expired (24 h) before we could mirror it: paid and lost. Recorded, never silently
-#: regenerated, since regenerating pays again.
-EXPIRED: Final = "expired"
-#: The API no longer knows the task (404): nothing to collect, nothing we can prove was charged.
-NOT_FOUND: Final = "not_found"
-#: The task completed (charged) but mirroring failed after retries; a later try may still mirror it
-#: while the URL lives.
-DOWNLOAD_FAILED: Final = "download_failed"
-
-#: Valid and affordable, but never sent: the run's deadline passed or it stopped (out of credits at the
-#: API) before its turn came. Free; the next run or a retry sends it.
-NOT_SUBMITTED: Final = "not_submitted"
-#: The API refused the submit (401 wrong key, 400, or a 429 / refused connection that outlasted the
-#: retries): provably nothing was created. Free; ``error_message`` has the API's answer. A retry of the
-#: task sends it again.
-REJECTED: Final = "rejected"
-
-#: The task completed and the image was mirrored, but its pixel size is not what Imagen 4 makes for the
-#: requested ratio; ``error_message`` has both sizes. Charged; kept at ``image_uri`` for a look, and
-#: never counted as ``completed``.
-WRONG_SIZE: Final = "wrong_size"
-
-#: Statuses that cost :data:`CREDITS_PER_IMAGE`: a task was (or, for an ambiguous POST, may have been)
-#: created and not refunded. Every other status costs 0: refunded by the API (failed, moderated), never
-#: sent (invalid, skipped_budget), or unknown to the API (not_found).
-CHARGED_STATUSES: Final[frozenset[str]] = frozenset(
-    {COMPLETED, UNKNOWN_SUBMIT, TIMEOUT, EXPIRED, DOWNLOAD_FAILED, WRONG_SIZE}
-)
 
 _UTC: Final = dt.timezone.utc
 _TIMESTAMP: Final = pa.timestamp("us", tz="UTC")
@@ -167,12 +124,6 @@ class RunIdentity:
         )
 
 
-def credits_for(status: str) -> int:
-    """Return the credits a request with ``status`` cost: 46 if charged and not refunded, else 0."""
-    _check_status(status)
-    return CREDITS_PER_IMAGE if status in CHARGED_STATUSES else 0
-
-
 # -- rows --------------------------------------------------------------------------------------------
 
 
@@ -213,7 +164,7 @@ def manifest_row(
         error_message = spec.invalid_reason
         entry = earlier = None
     elif override_status is not None:
-        _check_status(override_status)
+        check_status(override_status)
         status = override_status
         if entry is not None:
             error_code, error_message = entry.error_code, entry.error_message
@@ -288,11 +239,6 @@ def manifest_row(
 
 def _timestamp(epoch: float | None) -> dt.datetime | None:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, tz=_UTC)
-
-
-def _check_status(status: object) -> None:
-    if status not in STATUSES:
-        raise ValueError(f"unknown manifest status {status!r}; expected one of {', '.join(STATUSES)}")
 
 
 # -- writing and reading -----------------------------------------------------------------------------
@@ -393,7 +339,7 @@ def manifest_counts(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> dict[st
     counts = dict.fromkeys(STATUSES, 0)
     for status in statuses:
         if status not in counts:
-            _check_status(status)
+            check_status(status)
         counts[status] += 1
     counts["total"] = len(statuses)
     return counts
@@ -417,22 +363,13 @@ def manifest_path(output_root: ObjectStoragePath | str, *, identity: RunIdentity
     from readers that skip names starting with ``.`` or ``_``. The map index is appended only for mapped
     tasks. The path ignores the try number: a retry replaces its predecessor's manifest.
     """
-    name = _safe_part(identity.airflow_task_id)
+    name = path_part(identity.airflow_task_id, partition=True)
     if identity.map_index is not None and identity.map_index >= 0:
         name += f"__{int(identity.map_index)}"
     return (
         as_path(output_root)
         / "manifests"
-        / f"dag_id={_safe_part(identity.dag_id)}"
-        / f"run_id={_safe_part(identity.run_id)}"
+        / f"dag_id={path_part(identity.dag_id, partition=True)}"
+        / f"run_id={path_part(identity.run_id, partition=True)}"
         / f"{name}.parquet"
     )
-
-
-def _safe_part(value: str) -> str:
-    quoted = quote(str(value), safe="-_.@,", errors="backslashreplace")
-    if not quoted:
-        return "%00"
-    if quoted[0] in "._":
-        quoted = f"%{ord(quoted[0]):02X}{quoted[1:]}"  # ".." → "%2E.", "_x" → "%5Fx"
-    return quoted

@@ -17,6 +17,7 @@ import functools
 import os
 import uuid
 from typing import Final
+from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
 
@@ -89,3 +90,22 @@ def fsync_folder(folder: str) -> None:
         pass  # some file systems (and Windows) refuse to fsync a folder; the file itself was synced
     finally:
         os.close(fd)
+
+
+def path_part(value: object, *, partition: bool = False) -> str:
+    """Return ``value`` as one path segment that cannot leave its folder (no ``/``, no ``.``/``..``).
+
+    Two flavours, because two kinds of reader look at the names. A journal's folder keeps ``+ = @ ,``
+    readable, and must never change between releases: a retry finds the journal its predecessor paid
+    into by this name. A manifest folder is read as a Hive partition (``run_id=…``), so ``partition``
+    also quotes ``+`` and ``=``, and a leading ``.`` or ``_``, which such readers skip as hidden.
+    """
+    if not partition:
+        quoted = quote(str(value), safe="-_.+=@,")
+        return quoted if quoted not in (".", "..", "") else quoted.replace(".", "%2E") or "%00"
+    quoted = quote(str(value), safe="-_.@,", errors="backslashreplace")
+    if not quoted:
+        return "%00"
+    if quoted[0] in "._":
+        quoted = f"%{ord(quoted[0]):02X}{quoted[1:]}"  # ".." → "%2E.", "_x" → "%5Fx"
+    return quoted

@@ -28,13 +28,14 @@ from typing import Any
 from airflow_provider_imagen.api.client import ImagenClient
 from airflow_provider_imagen.api.errors import (
     AmbiguousSubmitError,
+    AuthenticationError,
     ImagenAPIError,
     ImagenTransportError,
     InsufficientCreditsError,
 )
 from airflow_provider_imagen.api.models import ImageRequest
 from airflow_provider_imagen.batch.fence import FencedError
-from airflow_provider_imagen.batch.journal import Journal, record
+from airflow_provider_imagen.batch.journal import Journal, RefusalKind, record
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,13 @@ def submit_chunk(
             [record("submitted", key, a=ids[key], task_id=tid) for key, tid in report.submitted.items()]
             + [record("ambiguous", key, a=ids[key], reason=why) for key, why in report.ambiguous.items()]
             + [
-                record("rejected", key, a=ids[key], reason=f"{type(error).__name__}: {error}")
+                record(
+                    "rejected",
+                    key,
+                    a=ids[key],
+                    refusal=refusal_kind(error),
+                    reason=f"{type(error).__name__}: {error}",
+                )
                 for key, error in report.rejected.items()
             ]
         )
@@ -173,3 +180,14 @@ def submit_chunk(
 
 class NotSentError(RuntimeError):
     """The POST was never sent: the submit loop stopped before its turn. Nothing was created."""
+
+
+def refusal_kind(error: Exception) -> RefusalKind:
+    """Return what a refused (provably not created) POST means for the rest of the run."""
+    if isinstance(error, NotSentError):
+        return "not_sent"
+    if isinstance(error, AuthenticationError):
+        return "authentication"
+    if isinstance(error, InsufficientCreditsError):
+        return "insufficient_credits"
+    return "refused"

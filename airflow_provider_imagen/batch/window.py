@@ -19,19 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
-from airflow_provider_imagen.polling import PollSchedule, PollTracker
+from airflow_provider_imagen.polling.outcome import ENDED_STATUSES
+from airflow_provider_imagen.polling.schedule import PollSchedule, next_visible_end
 
 if TYPE_CHECKING:
     from airflow_provider_imagen.batch.table import ImageSpec
-
-#: Rejection reasons of POSTs that were never sent start with this (see ``submit.NotSentError``).
-NOT_SENT: Final = "NotSentError"
-#: Journal statuses that end a request (the API will not change its mind).
-ENDED: frozenset[str] = frozenset({"completed", "failed", "not_found"})
 
 
 @dataclass
@@ -114,7 +110,7 @@ def plan_window(
                 plan.done += 1
             continue
         if entry.task_id is None:  # every submit so far was provably rejected
-            if (entry.rejected_reason or "").startswith(NOT_SENT):
+            if entry.rejected_kind == "not_sent":
                 # Never sent (a stopped loop, a fenced older try): nothing refused it, so send it now.
                 unsent.append(spec)
             elif (
@@ -127,7 +123,7 @@ def plan_window(
             else:
                 unsent.append(spec)
             continue
-        if entry.status not in ENDED:
+        if entry.status not in ENDED_STATUSES:
             plan.in_flight[spec.key] = entry.task_id
             continue
         if (
@@ -188,10 +184,7 @@ def linger_for(
     """
     if linger <= 0 or not submitted_at:
         return None
-    # The schedule's next instant per task, after the ones already past (overdue tasks back off, so a
-    # slow API makes the next look far away): when an end can next be seen.
-    tracker = PollTracker(submitted_at, schedule, start=now, submitted_at=submitted_at, polled_until=now)
-    wait = max(tracker.next_wake(now) - now, 0.0)
+    wait = max(next_visible_end(submitted_at, schedule, now=now) - now, 0.0)
     if wait > linger + (schedule.expected_render if refillable else 0.0):
         return None
     return min(wait + linger, max(deadline - now, 0.0))

@@ -42,6 +42,7 @@ from airflow_provider_imagen.batch.journal import (
     resolve_journal_root,
 )
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
+from airflow_provider_imagen.batch.status import NOT_SUBMITTED
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.operators._arguments import (
@@ -254,11 +255,19 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self,
         context: Context,
         event: dict[str, Any] | None = None,
+        *,
+        started_at: float | None = None,
+        deadline: float | None = None,
         progress_at: float = 0.0,
+        budget: int | None = None,
         epoch: int | None = None,
-        **_: Any,
     ) -> dict[str, Any]:
-        """Resume after the trigger: check this try still owns the journal, validate the event, go on."""
+        """Resume after the trigger: check this try still owns the journal, validate the event, go on.
+
+        The keyword arguments are the try's clock as it deferred (:meth:`RunClock.to_kwargs`). The
+        journal's copy is the one used: ``dag.test()`` resumes without them, and the two must agree.
+        """
+        del started_at, deadline, budget  # the journal's record of this try says the same
         outcome = PollOutcome.from_event(event)
         journal = self._journal(context)
         lease = journal.resume(try_owner(context), epoch)
@@ -293,7 +302,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         client: Any,
         entries: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        known: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
+        answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
         while True:
             batch = BatchPass(
@@ -303,7 +312,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 images_root=as_path(self.output_path) / "images",
                 settings=self.settings,
                 clock=clock,
-                known_tasks=known,
+                answers=answers,
                 entries=entries,
                 stop=stop_event(self),
             )
@@ -340,7 +349,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 submitted_at=dict(zip(step.task_ids, step.submitted_at, strict=True)),  # type: ignore[arg-type]
                 fire_when_done=step.fire_when_done,
                 polled_until=step.polled_until,
-                seen=known,
+                answers=answers,
             )
             if stop_event(self).is_set():
                 raise StopRequestedError("the task was asked to stop while it waited on the worker")
@@ -375,7 +384,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 and not entry.unknown_submit
             ):
                 # An older try (fenced off) journalled it "not sent" after this try's last pass.
-                status, reason = "not_submitted", "not sent: an older try of this task stopped before it"
+                status, reason = NOT_SUBMITTED, "not sent: an older try of this task stopped before it"
                 left_unsent += 1
             rows.append(
                 manifest_row(
@@ -566,9 +575,7 @@ def _this_try(
             continue
         now = entry.charged_since(since)
         paid += now
-        sent += sum(
-            1 for a, o in entry.attempts.items() if o != "rejected" and entry.attempted_at.get(a, 0) >= since
-        )
+        sent += entry.sent_since(since)
         if entry.task_id and (entry.submitted_at or 0) < since and entry.matches(spec.digest):
             reattached += 1
     return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}

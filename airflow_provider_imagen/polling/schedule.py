@@ -1,61 +1,17 @@
-"""Decide when to poll which Imagen task, and when to stop: pure decisions, two thin drivers.
+"""When to poll which id: the grid of each task and the tracker that follows many of them.
 
-Polls (``GET /tasks/{id}``) are free, but we promise to be polite: about two polls per image inside the
-poller, while noticing a finished task little more than a second late on average. Renders take 10 s ± 2 s
-(benchmarks), so polling every second wastes ~10 polls per image and a fixed 2 s cadence still ~5.
-
-The schedule
-------------
-Each task gets a *grid* of poll instants that depends only on its submit time ``s``::
-
-    g0 = s + expected_render
-    g1 = g0 + poll_interval
-    gk = g(k-1) + min(poll_interval * backoff ** (k - 1), max_poll_interval)
-
-With the defaults (10 s, 2 s, x1.5, cap 30 s) that is s + 10, 12, 15, 19.5, 26.25, 36.4, … then every
-30 s. The first poll lands on the *middle* of the render-time distribution, not its start: about half
-the tasks are done at the first poll, nearly all the rest at the second, and the rare slow task falls
-into a backoff that keeps a stuck task from costing more than two polls a minute. Simulated with renders
-uniform in [8, 12] s (``tests/test_polling.py``): 1.5 polls per task, 1.0 s mean lateness, 1.9 s p95.
-(Starting at 8 s instead costs one useless poll on nearly every task: 2.5 polls per task.)
-
-Because the grid is a function of the submit time, a restarted trigger, a second triggerer running the
-same trigger, or the next trigger after a batch refill all poll at the same instants: no backoff is ever
-reset. A tracker only knows what it saw, so an id whose first instant is already past when the tracker
-starts is polled once right away (it may have finished while nobody watched), then rejoins its grid.
-After any answer the next poll is at least ``poll_interval / 2`` away, so a late poll is never followed
-by a near-duplicate.
-
-Stopping
---------
-- ``success``: at least ``fire_when_done`` ids (all by default) are terminal: ``completed``, ``failed``
-  or ``not_found`` (a 404: the id is unknown to this key and will not come back). Any other status,
-  documented or not, means "keep polling".
-- ``timeout``: the absolute wall-clock ``deadline`` (epoch seconds, so a restart keeps it) passed first.
-  At the deadline every unfinished id is polled one last time, so the outcome reports what is true then.
-- ``error``: ``max_consecutive_errors`` transient failures in a row (5xx, transport, 429; each already
-  retried by the client's own policy). A 429's ``Retry-After`` pauses *every* poll until then; other
-  failures pause all polls with the same backoff as the grid. Failures that arrive while polls are
-  already paused belong to the same episode and count once; any answer resets the count.
-
-Everything that decides is in :class:`PollTracker` (no I/O, no clock of its own, tested with a fake
-clock). :func:`apoll_tasks` (triggers) and :func:`poll_tasks` (workers) only drive it. Nothing here ever
-holds an image URL: outcomes and events carry statuses and error codes only.
+Pure decisions: no I/O and no clock of its own (the caller passes "now"), so every rule is tested with
+a fake clock. See the package docstring for the schedule itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import heapq
 import math
-import re
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 from airflow_provider_imagen.api.errors import (
     ImagenTransportError,
@@ -63,56 +19,33 @@ from airflow_provider_imagen.api.errors import (
     ServerError,
     TaskNotFoundError,
 )
-from airflow_provider_imagen.api.models import TERMINAL_STATUSES, Task
+from airflow_provider_imagen.api.models import Task
+from airflow_provider_imagen.polling.outcome import (
+    ENDED_STATUSES,
+    NOT_FOUND,
+    PROCESSING,
+    OutcomeStatus,
+    PollOutcome,
+    TaskPollState,
+    safe_message,
+)
 
 if TYPE_CHECKING:
-    from airflow_provider_imagen.api.client import AsyncImagenClient, ImagenClient
+    pass
 
-OutcomeStatus = Literal["success", "timeout", "error"]
-#: How a poll ends: the fire condition, the deadline, or too many consecutive failures.
-OUTCOME_STATUSES: Final[frozenset[str]] = frozenset({"success", "timeout", "error"})
-#: Status of an id whose task the API does not know (HTTP 404). Terminal: it is not coming back.
-NOT_FOUND: Final = "not_found"
-#: Status reported for every id that has not ended (whatever the API last said about it).
-PROCESSING: Final = "processing"
-#: Per-id statuses an outcome may carry.
-TASK_STATUSES: Final[frozenset[str]] = frozenset({"completed", "failed", NOT_FOUND, PROCESSING})
-#: Statuses after which an id is never polled again.
-ENDED_STATUSES: Final[frozenset[str]] = TERMINAL_STATUSES | {NOT_FOUND}
-#: Failures of ``get_task`` that the poller absorbs; anything else (a 401, a bug) propagates.
-POLL_ERRORS: Final[tuple[type[Exception], ...]] = (
-    ImagenTransportError,
-    ServerError,
-    RateLimitedError,
-    TaskNotFoundError,
-)
 #: After any answer, the next poll of that id is at least this fraction of ``poll_interval`` away.
 _MIN_GAP_FRACTION: Final = 0.5
-_URL_RE: Final = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
-_MESSAGE_LIMIT: Final = 300
 
 
-def safe_message(error: BaseException | str, *, secrets: Iterable[str] = ()) -> str:
-    """Return a short one-line description of ``error`` with URLs and the given secrets cut out.
-
-    Outcome messages travel in trigger events, which the triggerer logs: a signed URL or a key must never
-    reach them, even from an exception text we did not write.
-    """
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = _URL_RE.sub("<url>", " ".join(text.split()))
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 1] + "…"
-
-
-def _number(name: str, value: object) -> float:
+def check_number(name: str, value: object) -> float:
+    """Return ``value`` as a float, refusing booleans, text and non-finite numbers (kwargs come as JSON)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r}: must be a finite number")
     return float(value)
 
 
-def _integer(name: str, value: object) -> int:
+def check_integer(name: str, value: object) -> int:
+    """Return ``value`` as an int (``3.0`` is 3), refusing booleans and fractions."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -149,9 +82,9 @@ class PollSchedule:
 
     def __post_init__(self) -> None:
         for name in ("expected_render", "poll_interval", "backoff", "max_poll_interval", "round_gap"):
-            object.__setattr__(self, name, _number(name, getattr(self, name)))
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
         for name in ("max_consecutive_errors", "max_concurrent_polls"):
-            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+            object.__setattr__(self, name, check_integer(name, getattr(self, name)))
         if self.expected_render < 0:
             raise ValueError(f"expected_render={self.expected_render}: must be >= 0 seconds")
         if self.poll_interval <= 0:
@@ -193,126 +126,6 @@ class PollSchedule:
         """Return how long to pause all polls after ``consecutive_errors`` failures in a row (>= 1)."""
         exponent = min(max(consecutive_errors - 1, 0), 64)
         return min(self.poll_interval * self.backoff**exponent, self.max_poll_interval)
-
-
-@dataclass(frozen=True)
-class TaskPollState:
-    """What the poller last knew about one task id: never more than a status and an error code."""
-
-    #: ``completed``, ``failed``, ``not_found`` or ``processing`` (which covers unknown statuses).
-    status: str
-    #: The API's code for a failed task (80006 = moderated) or a 404; ``None`` otherwise.
-    error_code: int | None = None
-
-    @property
-    def is_terminal(self) -> bool:
-        """Return whether the id will never change again."""
-        return self.status in ENDED_STATUSES
-
-
-@dataclass(frozen=True)
-class PollOutcome:
-    """How a poll ended and where every id stood; small and JSON-safe through :meth:`to_event`."""
-
-    #: ``success`` (fire condition met), ``timeout`` (deadline first) or ``error`` (failures in a row).
-    status: OutcomeStatus
-    #: Every polled id, in the order it was given.
-    tasks: dict[str, TaskPollState] = field(default_factory=dict)
-    #: Why it is a timeout or an error; free of URLs and keys.
-    message: str | None = None
-    #: GET requests the poller made (each may include the client's own retries).
-    polls: int = 0
-    #: Every id was polled on its grid up to this instant (the poller's last full round), so the next
-    #: poller may skip the instants before it. Not part of events: a resumed worker sweeps instead.
-    polled_until: float | None = None
-
-    @property
-    def completed_ids(self) -> list[str]:
-        """Return the ids whose image is ready to fetch."""
-        return [tid for tid, state in self.tasks.items() if state.status == "completed"]
-
-    @property
-    def failed(self) -> dict[str, int | None]:
-        """Return ``{id: error code}`` of the tasks that ended ``failed`` (refunded by the API)."""
-        return {tid: state.error_code for tid, state in self.tasks.items() if state.status == "failed"}
-
-    @property
-    def not_found_ids(self) -> list[str]:
-        """Return the ids the API does not know (404)."""
-        return [tid for tid, state in self.tasks.items() if state.status == NOT_FOUND]
-
-    @property
-    def processing_ids(self) -> list[str]:
-        """Return the ids that had not ended when polling stopped."""
-        return [tid for tid, state in self.tasks.items() if state.status == PROCESSING]
-
-    @property
-    def terminal_ids(self) -> list[str]:
-        """Return the ids that ended, in any way."""
-        return [tid for tid, state in self.tasks.items() if state.is_terminal]
-
-    def counts(self) -> dict[str, int]:
-        """Return how many ids are in each status (for log lines)."""
-        tally = dict.fromkeys(("completed", "failed", NOT_FOUND, PROCESSING), 0)
-        for state in self.tasks.values():
-            tally[state.status] += 1
-        return tally
-
-    def to_event(self) -> dict[str, Any]:
-        """Return the outcome as a trigger event payload: JSON scalars only, no URLs."""
-        return {
-            "status": self.status,
-            "message": self.message,
-            "polls": self.polls,
-            "tasks": {
-                tid: {"status": state.status, "error_code": state.error_code}
-                for tid, state in self.tasks.items()
-            },
-        }
-
-    @classmethod
-    def from_event(cls, event: object) -> PollOutcome:
-        """Validate an event coming back to a worker and rebuild the outcome.
-
-        Raise :class:`ValueError` naming what is wrong: an event is data from another process (and maybe
-        another version), and a mistaken "success" would skip paid images.
-        """
-        if not isinstance(event, Mapping):
-            raise ValueError(f"Imagen poll event must be a dict, got {type(event).__name__}")
-        status = event.get("status")
-        if status is None:
-            raise ValueError("Imagen poll event has no 'status'")
-        if status not in OUTCOME_STATUSES:
-            raise ValueError(
-                f"Imagen poll event has unknown status {status!r}; expected one of "
-                f"{', '.join(sorted(OUTCOME_STATUSES))}"
-            )
-        raw_tasks = event.get("tasks")
-        if not isinstance(raw_tasks, Mapping):
-            raise ValueError(f"Imagen poll event 'tasks' must be a dict, got {type(raw_tasks).__name__}")
-        tasks: dict[str, TaskPollState] = {}
-        for tid, raw in raw_tasks.items():
-            if not isinstance(tid, str) or not tid:
-                raise ValueError(f"Imagen poll event has a task id that is not a non-empty string: {tid!r}")
-            if not isinstance(raw, Mapping):
-                raise ValueError(f"Imagen poll event task {tid}: must be a dict, got {type(raw).__name__}")
-            task_status = raw.get("status")
-            if task_status not in TASK_STATUSES:
-                raise ValueError(
-                    f"Imagen poll event task {tid}: unknown status {task_status!r}; expected one of "
-                    f"{', '.join(sorted(TASK_STATUSES))}"
-                )
-            code = raw.get("error_code")
-            if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
-                raise ValueError(f"Imagen poll event task {tid}: error_code {code!r} is not an integer")
-            tasks[tid] = TaskPollState(task_status, code)
-        message = event.get("message")
-        if message is not None and not isinstance(message, str):
-            raise ValueError(f"Imagen poll event 'message' must be a string, got {type(message).__name__}")
-        polls = event.get("polls", 0)
-        if isinstance(polls, bool) or not isinstance(polls, int) or polls < 0:
-            raise ValueError(f"Imagen poll event 'polls' must be a non-negative integer, got {polls!r}")
-        return cls(status=status, tasks=tasks, message=message, polls=polls)
 
 
 @dataclass
@@ -366,7 +179,7 @@ class PollTracker:
             if tid in self._tracks:
                 continue
             submitted = known.get(tid)
-            submitted = start if submitted is None else _number(f"submitted_at[{tid}]", submitted)
+            submitted = start if submitted is None else check_number(f"submitted_at[{tid}]", submitted)
             first = submitted + schedule.expected_render
             track = _Track(submitted_at=submitted, grid=first, gap=schedule.poll_interval, due=first)
             if polled_until is not None:
@@ -591,131 +404,13 @@ class PollTracker:
         )
 
 
-def _tracker(
-    task_ids: Iterable[str],
-    deadline: float,
-    schedule: PollSchedule | None,
-    submitted_at: Mapping[str, float | None] | None,
-    fire_when_done: int | None,
-    start: float,
-    polled_until: float | None = None,
-) -> PollTracker:
-    """Validate a driver's arguments and build its tracker (shared by both drivers)."""
-    if isinstance(task_ids, str):
-        raise ValueError("task_ids must be a list of task ids, not one string")
-    _number("deadline", deadline)
-    if fire_when_done is not None and _integer("fire_when_done", fire_when_done) < 1:
-        raise ValueError(f"fire_when_done={fire_when_done}: must be >= 1 (or None for all)")
-    return PollTracker(
-        task_ids,
-        schedule or PollSchedule(),
-        start=start,
-        submitted_at=submitted_at,
-        polled_until=polled_until,
-    )
+def next_visible_end(
+    submitted_at: Mapping[str, float | None], schedule: PollSchedule, *, now: float
+) -> float:
+    """Return the first instant at which a poll on the schedule could see one of these tasks end.
 
-
-async def apoll_tasks(
-    client: AsyncImagenClient,
-    task_ids: Iterable[str],
-    *,
-    deadline: float,
-    schedule: PollSchedule | None = None,
-    submitted_at: Mapping[str, float | None] | None = None,
-    fire_when_done: int | None = None,
-    polled_until: float | None = None,
-    clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-) -> PollOutcome:
-    """Poll ``task_ids`` until the fire condition, the deadline or too many failures; return the outcome.
-
-    Due ids are polled concurrently, at most ``schedule.max_concurrent_polls`` at a time. Failures listed
-    in :data:`POLL_ERRORS` go to the tracker; any other exception propagates once the round is over.
-
-    :param deadline: absolute wall-clock time (epoch seconds, like ``time.time()``).
-    :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
-    :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
-    :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
+    Overdue tasks back off along their grids, so a slow API makes the next look far away; a task whose
+    first poll is past and not yet made counts as due now.
     """
-    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
-    gate = asyncio.Semaphore(tracker.schedule.max_concurrent_polls)
-
-    async def poll_one(task_id: str) -> None:
-        async with gate:
-            if tracker.is_paused(clock()):
-                return  # an earlier poll of this round failed: wait for the pause like everyone else
-            try:
-                answer: Task | BaseException = await client.get_task(task_id)
-            except POLL_ERRORS as exc:
-                answer = exc
-            tracker.record(task_id, answer, clock())
-
-    while True:
-        now = clock()
-        outcome = tracker.result(now, deadline, fire_when_done)
-        if outcome is not None:
-            return outcome
-        due = tracker.due(now, deadline)
-        if due:
-            answers = await asyncio.gather(*(poll_one(tid) for tid in due), return_exceptions=True)
-            for answer in answers:
-                if isinstance(answer, BaseException):
-                    raise answer
-            tracker.round_done(now)
-            continue
-        await sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
-
-
-def poll_tasks(
-    client: ImagenClient,
-    task_ids: Iterable[str],
-    *,
-    deadline: float,
-    schedule: PollSchedule | None = None,
-    submitted_at: Mapping[str, float | None] | None = None,
-    fire_when_done: int | None = None,
-    polled_until: float | None = None,
-    seen: dict[str, Task] | None = None,
-    clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], Any] = time.sleep,
-) -> PollOutcome:
-    """Poll like :func:`apoll_tasks`, blocking, on the worker (non-deferrable tasks, a lingering batch).
-
-    Due ids are polled from a few threads (at most ``schedule.max_concurrent_polls``): a batch that
-    refills on the worker polls, downloads and submits ~10 times a second, and one GET at a time would
-    make the notice of every end wait for the others.
-
-    :param deadline: absolute wall-clock time (epoch seconds, like ``time.time()``).
-    :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
-    :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
-    :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
-    :param seen: filled with the last answer of every id that ended. On a worker the answer may stay in
-        memory, image URL and all, so the download needs no second GET; it never goes to an event.
-    """
-    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
-    lock = threading.Lock()
-
-    def poll_one(task_id: str) -> None:
-        if tracker.is_paused(clock()):
-            return  # an earlier poll of this round failed: wait for the pause like everyone else
-        try:
-            answer: Task | BaseException = client.get_task(task_id)
-        except POLL_ERRORS as exc:
-            answer = exc
-        with lock:
-            tracker.record(task_id, answer, clock())
-            if seen is not None and isinstance(answer, Task) and answer.is_terminal:
-                seen[task_id] = answer
-
-    with ThreadPoolExecutor(max_workers=tracker.schedule.max_concurrent_polls) as pool:
-        while True:
-            now = clock()
-            outcome = tracker.result(now, deadline, fire_when_done)
-            if outcome is not None:
-                return outcome
-            due = tracker.due(now, deadline)
-            if due:
-                list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
-                tracker.round_done(now)
-                continue
-            sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
+    tracker = PollTracker(submitted_at, schedule, start=now, submitted_at=submitted_at, polled_until=now)
+    return tracker.next_wake(now)

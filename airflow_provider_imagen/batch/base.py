@@ -1,0 +1,126 @@
+"""The types a batch pass speaks in: its settings, the try's clock, and what a pass asks for next.
+
+Why apart from the pass: the operator builds settings and clocks, turns a :class:`Wait` into a deferral
+and a :class:`Finish` into a manifest, and a test can build any of them without the engine. Everything
+here is JSON-safe where it must ride a deferral, and holds no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, get_args
+
+from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
+from airflow_provider_imagen.polling import PollSchedule
+
+StopReason = Literal["deadline", "insufficient_credits", "authentication", "unreachable"]
+#: Why a try sends no more: its deadline passed, the API refused the account or the key (every other
+#: POST would be refused the same way), or the API could not be reached at all.
+STOP_REASONS: Final[tuple[str, ...]] = get_args(StopReason)
+
+
+class StopRequestedError(RuntimeError):
+    """Airflow asked the task to stop while it was submitting; nothing more was sent. Safe to retry."""
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The knobs of a batch run that shape its passes (all JSON-safe)."""
+
+    max_in_flight: int = 100
+    #: Come back to the worker once this share of the window has ended (at least one task).
+    refill_fraction: float = 0.25
+    max_credits: int | None = None
+    resubmit_unknown: bool = False
+    #: POSTs per second at most; ``None`` for as fast as the API answers (429s are still honoured).
+    max_submit_rate: float | None = 20.0
+    #: Submits journalled per segment: a crash mid-chunk leaves up to this many unknown submits. ``None``:
+    #: 1 on a local journal (a write costs microseconds), 10 on an object store (a write is a PUT).
+    journal_chunk: int | None = None
+    #: Parallel downloads when mirroring.
+    mirror_concurrency: int = 8
+    #: POSTs in flight at once (each still journalled before it is sent).
+    submit_concurrency: int = 4
+    #: Seconds between progress lines.
+    progress_interval: float = 30.0
+    #: Wait on the worker instead of deferring when the next task is due to end within this many seconds
+    #: (and, while rows wait for room in the window, whenever tasks are rendering: see
+    #: :func:`airflow_provider_imagen.batch.window.linger_for`). ``0`` always defers.
+    linger: float = 5.0
+    #: Seconds after its submit at which a task is first polled (the poll schedule's first poll).
+    expected_render: float = 10.0
+    #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).
+    poll_interval: float = 2.0
+    #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
+    check_pixel_size: bool = True
+
+    @property
+    def schedule(self) -> PollSchedule:
+        """Return the poll schedule of this batch (the trigger's and the worker's)."""
+        return PollSchedule(expected_render=self.expected_render, poll_interval=self.poll_interval)
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight={self.max_in_flight}: must be at least 1")
+        if not 0 < self.refill_fraction <= 1:
+            raise ValueError(f"refill_fraction={self.refill_fraction}: must be in (0, 1]")
+        if self.max_credits is not None and self.max_credits <= 0:
+            raise ValueError(
+                f"max_credits={self.max_credits}: must be a positive number of credits "
+                f"({CREDITS_PER_IMAGE} per image), or None for no budget"
+            )
+        if self.max_submit_rate is not None and self.max_submit_rate <= 0:
+            raise ValueError(f"max_submit_rate={self.max_submit_rate}: must be positive, or None")
+
+
+@dataclass
+class RunClock:
+    """Wall-clock facts of one try that must survive between passes (they ride the deferral kwargs)."""
+
+    #: When this try started (epoch seconds).
+    started_at: float
+    #: When this try must stop waiting (epoch seconds).
+    deadline: float
+    #: When the last progress line was logged.
+    progress_at: float = 0.0
+    #: The effective budget for this try (``max_credits`` capped by a balance check), if any.
+    budget: int | None = None
+    #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
+    epoch: int | None = None
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Return the JSON-safe form for ``defer(kwargs=…)``."""
+        return {
+            "started_at": self.started_at,
+            "deadline": self.deadline,
+            "progress_at": self.progress_at,
+            "budget": self.budget,
+            "epoch": self.epoch,
+        }
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Poll these tasks until ``fire_when_done`` of them end, then run another pass."""
+
+    task_ids: list[str]
+    submitted_at: list[float | None]
+    fire_when_done: int
+    #: The ids were already polled on their grids up to this time (``None`` on a try's first pass).
+    polled_until: float | None = None
+    #: Wait on the worker for at most this many seconds, then run another pass (``None``: defer).
+    linger: float | None = None
+
+
+@dataclass
+class Finish:
+    """Nothing is left to do (or the run stopped): write the manifest with these overrides."""
+
+    #: key → (status, reason) for requests the journal cannot describe alone.
+    overrides: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Why the run stopped early, if it did.
+    stopped: StopReason | None = None
+    #: The API's own answer when it refused the run as a whole (e.g. a wrong key), to fail the task with.
+    error: str | None = None
+    #: Paid images still not mirrored (and not expired): the try must fail so a retry mirrors them.
+    unmirrored: int = 0
