@@ -134,7 +134,8 @@ def api() -> Iterator[Api]:
 
 def planned_images() -> int:
     """Return how many images night one asks for: the DAG's own surface mapping over the catalog."""
-    from airflow_provider_imagen.batch.table import expand_specs, read_prompt_table
+    from airflow_provider_imagen.batch.specs import expand_specs
+    from airflow_provider_imagen.batch.table import read_prompt_table
 
     module = runpy.run_path(str(DAGS / f"{DAG_ID}.py"))
     table = read_prompt_table(module["SAMPLE_CATALOG"])

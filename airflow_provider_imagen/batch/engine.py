@@ -46,7 +46,7 @@ from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_wi
 from airflow_provider_imagen.polling import PollOutcome
 
 if TYPE_CHECKING:
-    from airflow_provider_imagen.batch.table import ImageSpec
+    from airflow_provider_imagen.batch.specs import ImageSpec
 
 from airflow_provider_imagen.batch.base import (  # noqa: F401 - re-exported: where callers import them
     STOP_REASONS,

@@ -34,6 +34,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen.api.errors import MODERATION_CODE
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
+from airflow_provider_imagen.batch.specs import ImageSpec
 from airflow_provider_imagen.batch.status import (  # noqa: F401 - the vocabulary, where users found it
     CHARGED_STATUSES,
     COMPLETED,
@@ -55,7 +56,7 @@ from airflow_provider_imagen.batch.status import (  # noqa: F401 - the vocabular
     credits_for,
 )
 from airflow_provider_imagen.batch.storage import as_path, path_part, read_bytes, write_whole
-from airflow_provider_imagen.batch.table import ImageSpec, is_dataframe
+from airflow_provider_imagen.batch.table import is_dataframe
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -27,7 +27,7 @@ from airflow_provider_imagen.polling.outcome import ENDED_STATUSES
 from airflow_provider_imagen.polling.schedule import PollSchedule, next_visible_end
 
 if TYPE_CHECKING:
-    from airflow_provider_imagen.batch.table import ImageSpec
+    from airflow_provider_imagen.batch.specs import ImageSpec
 
 
 @dataclass

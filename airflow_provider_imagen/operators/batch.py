@@ -59,7 +59,7 @@ from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, Imag
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_imagen.batch.table import ImageSpec
+    from airflow_provider_imagen.batch.specs import ImageSpec
 
 OnInvalid = Literal["record", "fail"]
 
@@ -474,13 +474,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
     # -- plumbing ----------------------------------------------------------------------------------
 
     def _specs(self) -> list[ImageSpec]:
-        from airflow_provider_imagen.batch.table import (
+        from airflow_provider_imagen.batch.specs import (
             expand_specs,
-            load_prompt_table,
             raise_if_invalid,
             raise_if_none_valid,
             summarize_invalid,
         )
+        from airflow_provider_imagen.batch.table import load_prompt_table
 
         try:
             table = load_prompt_table(

@@ -41,14 +41,9 @@ import pyarrow.parquet as pq
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, MODEL, request_digest
+from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
 from airflow_provider_imagen.batch.storage import as_path, write_whole
-from airflow_provider_imagen.batch.table import (
-    ID_COLUMN,
-    PROMPT_COLUMN,
-    SIZE_COLUMN,
-    ImageSpec,
-    expand_specs,
-)
+from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN
 
 #: Version of :data:`INDEX_SCHEMA`; bump it with every change to the fields.
 INDEX_SCHEMA_VERSION: Final = 1

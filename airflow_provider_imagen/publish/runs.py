@@ -58,8 +58,9 @@ from airflow_provider_imagen.batch.manifest import (
     read_manifest,
     write_manifest,
 )
+from airflow_provider_imagen.batch.specs import summarize_invalid
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path, write_whole
-from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN, summarize_invalid
+from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN
 from airflow_provider_imagen.publish.contact_sheet import Tile, contact_sheet_png, thumbnail
 from airflow_provider_imagen.publish.gallery import GalleryItem, InvalidRow, render_gallery
 from airflow_provider_imagen.publish.index import (

@@ -15,7 +15,7 @@ from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
 from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
 from airflow_provider_imagen.batch.journal import Journal
 from airflow_provider_imagen.batch.manifest import RunIdentity, manifest_row
-from airflow_provider_imagen.batch.table import ImageSpec, expand_specs
+from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
 from airflow_provider_imagen.polling import poll_tasks
 
 IDENTITY = RunIdentity(dag_id="d", run_id="r", airflow_task_id="t")

@@ -29,7 +29,8 @@ from airflow_provider_imagen.batch.manifest import (
     read_manifest,
     write_manifest,
 )
-from airflow_provider_imagen.batch.table import ImageSpec, expand_specs, read_prompt_table
+from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
+from airflow_provider_imagen.batch.table import read_prompt_table
 
 IDENTITY = RunIdentity("catalog", "manual__2026-01-01T00:00:00+00:00", "generate", 3)
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -15,16 +15,13 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.errors import ImagenInputError
 from airflow_provider_imagen.api.models import DEFAULT_SIZE, MAX_PROMPT_CHARS, SIZES, ImageRequest
+from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs, raise_if_invalid, summarize_invalid
 from airflow_provider_imagen.batch.table import (
     MAX_PROMPT_ID_CHARS,
-    ImageSpec,
     InvalidRowsError,
     PromptTableError,
-    expand_specs,
     load_prompt_table,
-    raise_if_invalid,
     read_prompt_table,
-    summarize_invalid,
 )
 
 SIZE_RULE = "must be one of 1:1, 4:3, 3:4, 16:9, 9:16"
@@ -425,7 +422,8 @@ import sys
 from airflow_provider_imagen.batch.journal import Journal, record
 from airflow_provider_imagen.batch.manifest import write_manifest
 from airflow_provider_imagen.batch.storage import as_path, write_whole
-from airflow_provider_imagen.batch.table import expand_specs, load_prompt_table
+from airflow_provider_imagen.batch.table import load_prompt_table
+from airflow_provider_imagen.batch.specs import expand_specs
 specs = expand_specs(load_prompt_table("file://{source}"))
 assert [s.key for s in specs] == ["a|1:1|v0", "b|16:9|v0"], specs
 journal = Journal("{tmp_path}/journal", dag_id="d", task_id="t", run_id="r")

@@ -59,7 +59,7 @@ def folded(*records: dict) -> dict:
 
 def test_a_changed_prompt_is_planned_anew_and_its_old_charge_stays_committed() -> None:
     from airflow_provider_imagen.batch.journal import record
-    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.specs import expand_specs
     from airflow_provider_imagen.batch.window import plan_window
 
     old = expand_specs([{"prompt_id": "p1", "prompt": "a blue vase"}])[0]
@@ -84,7 +84,7 @@ def test_every_post_that_may_have_been_paid_counts_against_the_budget() -> None:
     """Row a: crashed mid-submit, then resent with ``resubmit_unknown`` (2 POSTs may be paid); row b:
     an ambiguous 502. With a budget of 4 images, one more row fits, not two."""
     from airflow_provider_imagen.batch.journal import record
-    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.specs import expand_specs
     from airflow_provider_imagen.batch.window import plan_window
 
     specs = expand_specs([{"prompt_id": p, "prompt": f"item {p}"} for p in "abcd"])

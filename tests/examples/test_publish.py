@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from airflow_provider_imagen.batch.manifest import read_manifest, write_manifest
-from airflow_provider_imagen.batch.table import expand_specs, read_prompt_table
+from airflow_provider_imagen.batch.specs import expand_specs
+from airflow_provider_imagen.batch.table import read_prompt_table
 from airflow_provider_imagen.publish.contact_sheet import (
     Tile,
     contact_sheet_png,

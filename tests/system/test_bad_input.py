@@ -518,7 +518,7 @@ def test_an_html_page_instead_of_an_image_is_refused_once_and_reported(
 def test_a_download_failed_row_says_why() -> None:
     from airflow_provider_imagen.batch.journal import JournalEntry
     from airflow_provider_imagen.batch.manifest import RunIdentity, manifest_row
-    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.specs import expand_specs
 
     (spec,) = expand_specs([{"prompt_id": "html", "prompt": "a lamp [[html]]"}])
     entry = JournalEntry(spec.key, task_ids=["task_1"], status="completed")

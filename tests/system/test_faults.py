@@ -148,7 +148,7 @@ def test_a_transient_api_error_while_mirroring_does_not_end_the_run_with_unmirro
     from airflow_provider_imagen.api.retry import RetryPolicy
     from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
     from airflow_provider_imagen.batch.journal import Journal, record
-    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.specs import expand_specs
 
     specs = expand_specs([{"prompt_id": f"t{i}", "prompt": f"transient {i}"} for i in range(3)])
     policy = RetryPolicy(max_attempts=3, base_delay=0.05)
@@ -421,7 +421,7 @@ def test_a_storage_error_while_mirroring_is_journalled_per_image(
     from airflow_provider_imagen.api.errors import ImagenError
     from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, RunClock
     from airflow_provider_imagen.batch.journal import Journal, record
-    from airflow_provider_imagen.batch.table import expand_specs
+    from airflow_provider_imagen.batch.specs import expand_specs
     from tests.system.stack import free_port
 
     dead = {
