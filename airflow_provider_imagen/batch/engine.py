@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import ObjectStoragePath
 
@@ -59,6 +59,24 @@ from airflow_provider_imagen.batch.base import (  # noqa: F401 - re-exported: wh
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T], *, deadline: float, what: str) -> T:
+    """Return ``call()``, waiting out every 429 (``Retry-After``) until ``deadline``.
+
+    For free calls only (a balance read, a task fetch): a 429 means "later", never a failure of the
+    task, as long as the try has time left.
+    """
+    while True:
+        try:
+            return call()
+        except RateLimitedError as exc:
+            wait = exc.retry_after or 1.0
+            if time.time() + wait >= deadline:
+                raise
+            log.info("The API rate-limits %s; asking again in %.1f s.", what, wait)
+            time.sleep(wait)
 
 
 class BatchPass:
@@ -290,9 +308,31 @@ class BatchPass:
         return task.error_message
 
     def _mirror(self, keys: Iterable[str]) -> None:
-        """Fetch each task's URL (it never rode the event) and mirror its image, in parallel."""
+        """Fetch each task's URL (it never rode the event) and mirror its image, in parallel.
 
-        def one(key: str) -> dict[str, Any]:
+        A 429 on these free calls is no failure: the keys it hit are mirrored again once the API's
+        ``Retry-After`` has passed, for as long as the try's deadline allows.
+        """
+        keys = list(keys)
+        while keys:
+            limited = self._mirror_once(keys)
+            if not limited:
+                return
+            wait = max(limited.values())
+            if self.now() + wait >= self.clock.deadline:
+                log.warning(
+                    "%d image(s) still rate limited at the deadline; a retry mirrors them", len(limited)
+                )
+                return
+            log.info("The API rate-limits mirroring; %d image(s) again in %.1f s.", len(limited), wait)
+            time.sleep(wait)
+            keys = list(limited)
+
+    def _mirror_once(self, keys: list[str]) -> dict[str, float]:
+        """Mirror ``keys`` once; return the keys a 429 kept from it, with the seconds to wait for each."""
+        limited: dict[str, float] = {}
+
+        def one(key: str) -> dict[str, Any] | None:
             entry = self.entries[key]
             spec = self._by_key[key]
             name = image_file_name(spec.prompt_id, spec.size, spec.variation, entry.task_id)
@@ -304,6 +344,9 @@ class BatchPass:
                 if not task.image_url:
                     raise ImagenError(f"task {task.id} is completed but carries no image URL")
                 image = mirror_image(self.client, task.image_url, dest)
+            except RateLimitedError as exc:
+                limited[key] = exc.retry_after or self.settings.poll_interval
+                return None
             except ImageExpiredError as exc:
                 return record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
             except ImageRefusedError as exc:  # paid, but not an image we accept: final, reported
@@ -319,13 +362,13 @@ class BatchPass:
             )
             return record("mirrored", key, task_id=entry.task_id, image=image.to_dict(), mismatch=mismatch)
 
-        keys = list(keys)
         with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
-            records = list(pool.map(one, keys))
+            records = [r for r in pool.map(one, keys) if r is not None]
         failed = [r for r in records if r["e"] == "mirror_failed"]
         for r in failed[:5]:
             log.warning("Could not mirror %s: %s", r["k"], r["reason"])
         self._write(records)
+        return limited
 
     def _submit(self, specs: Sequence[ImageSpec]) -> StopReason | None:
         """Submit in journalled chunks, a few at a time, at the bounded rate.

@@ -33,6 +33,7 @@ from airflow_provider_imagen.batch.engine import (
     Finish,
     RunClock,
     StopRequestedError,
+    patiently,
 )
 from airflow_provider_imagen.batch.journal import (
     TRY_KEY,
@@ -551,7 +552,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         if not valid:
             return None
         # A free read first: a wrong key or an unreachable API fails here, before any POST is sent.
-        balance = client.get_balance()
+        balance = patiently(client.get_balance, deadline=clock.deadline, what="the balance read")
         self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))
         if self.check_balance and balance < cost:
             self.log.warning("The balance covers %d of %d images.", balance // CREDITS_PER_IMAGE, valid)

@@ -33,7 +33,7 @@ from airflow_provider_imagen.api.models import (
     Task,
     pixel_size_mismatch,
 )
-from airflow_provider_imagen.batch.engine import StopRequestedError
+from airflow_provider_imagen.batch.engine import StopRequestedError, patiently
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
@@ -357,7 +357,7 @@ class ImagenGenerateOperator(BaseOperator):
             locations["output_path"] = out.parent if out.suffix.lower() == ".png" else out
         locations["journal_path"] = resolve_journal_root(self.journal_path, self.output_path)
         probe_locations(locations)
-        balance = client.get_balance()
+        balance = patiently(client.get_balance, deadline=time.time() + self.timeout, what="the balance read")
         require_one_image(balance, None, nothing_paid_yet=lambda: True)
 
     def _journal(self, context: Context) -> Journal:

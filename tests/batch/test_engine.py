@@ -88,3 +88,64 @@ def test_a_prompt_edited_between_two_tries_is_generated_and_the_old_image_stays(
         int(sum(manifest_row(s, after[s.key], identity=IDENTITY)["credits"] for s in second))
         == (ledger["net_credits"])
     )
+
+
+def test_a_429_while_mirroring_is_waited_out_not_a_failed_row(emulator: Any, tmp_path: Path) -> None:
+    """The API answers 429 to most calls (1 request a second) and the client gives up at the first one:
+    every image is still mirrored in the pass, after the API's ``Retry-After``, and none is recorded as
+    a failed mirror (which would fail the try)."""
+    from airflow_provider_imagen.api.retry import RetryPolicy
+    from airflow_provider_imagen.batch.journal import record
+
+    specs = expand_specs([{"prompt_id": f"r{i}", "prompt": f"rate limited lamp {i}"} for i in range(4)])
+    journal = Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r")
+    with ImagenClient(ClientSettings(api_key=emulator.api_key, base_url=emulator.base_url)) as setup:
+        ids = [setup.submit(s.request).id for s in specs]  # type: ignore[arg-type]
+    for spec, tid in zip(specs, ids, strict=True):
+        journal.append(
+            [
+                record("intent", spec.key, a="a", d=spec.digest),
+                record("submitted", spec.key, a="a", task_id=tid),
+            ]
+        )
+    deadline = time.time() + 30
+    while emulator.ledger()["status_counts"]["completed"] < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    for spec, tid in zip(specs, ids, strict=True):
+        journal.append([record("terminal", spec.key, task_id=tid, status="completed")])
+    emulator.configure(rate_limit_rps=1, rate_limit_burst=1)
+    impatient = RetryPolicy(max_attempts=1)
+    settings = ClientSettings(api_key=emulator.api_key, base_url=emulator.base_url, retry=impatient)
+    with ImagenClient(settings) as client:
+        now = time.time()
+        step = BatchPass(
+            client=client,
+            journal=journal,
+            specs=specs,
+            images_root=str(tmp_path / "images"),
+            settings=BatchSettings(),
+            clock=RunClock(started_at=now, deadline=now + 60),
+        ).run(None)
+    assert isinstance(step, Finish) and step.unmirrored == 0
+    entries = journal.load()
+    assert all(entries[s.key].mirrored for s in specs)
+    assert not any(entries[s.key].mirror_error for s in specs)
+    assert emulator.ledger()["rate_limited"] > 0  # the API did refuse some of those calls
+
+
+def test_a_balance_read_waits_out_429s_until_the_deadline(emulator: Any) -> None:
+    from airflow_provider_imagen.api.errors import RateLimitedError
+    from airflow_provider_imagen.api.retry import RetryPolicy
+    from airflow_provider_imagen.batch.engine import patiently
+
+    emulator.configure(rate_limit_rps=1, rate_limit_burst=1)
+    settings = ClientSettings(
+        api_key=emulator.api_key, base_url=emulator.base_url, retry=RetryPolicy(max_attempts=1)
+    )
+    with ImagenClient(settings) as client:
+        balances = [
+            patiently(client.get_balance, deadline=time.time() + 30, what="the balance") for _ in range(3)
+        ]
+        assert len(balances) == 3 and emulator.ledger()["rate_limited"] >= 1
+        with pytest.raises(RateLimitedError):  # no time left: the 429 is the answer
+            patiently(client.get_balance, deadline=time.time() + 0.01, what="the balance")
