@@ -40,6 +40,13 @@ _KNOBS: tuple[tuple[str, str, Any, str], ...] = (
         "seconds a submit holds its answer back after creating and charging the task",
     ),
     ("--starting-balance", "starting_balance", int, "credits each key starts with (default 1000000)"),
+    (
+        "--max-concurrent-renders",
+        "max_concurrent_renders",
+        int,
+        "tasks one key may have rendering at once; beyond it a submit answers 429 (default off)",
+    ),
+    ("--image-mode", "image_mode", str, "prompt: draw each prompt (default); stock: one image per ratio"),
 )
 
 

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airflow_provider_imagen.emulator.config import EmulatorConfig
+from airflow_provider_imagen.emulator.config import MARKER_WRONG_SIZE, EmulatorConfig
 from airflow_provider_imagen.emulator.errors import (
     BAD_GATEWAY,
     INVALID_PARAMETER,
@@ -127,7 +127,7 @@ def create_app(
             submission = parse_submission(await request.body(), request.headers.get("content-type"))
             result = state.submit(key, submission)
             task = result.task
-            if not task.html:
+            if not task.html and state.config.image_mode == "prompt":
                 renderer.submit(images.get, task.prompt, task.size, state.config.image_scale, task.id)
             if result.answer_delay > 0:  # created and charged already: a late answer, not a slow server
                 await asyncio.sleep(result.answer_delay)
@@ -163,7 +163,14 @@ def create_app(
             return PlainTextResponse(exc.message, status_code=exc.status)
         if ticket.html:
             return HTMLResponse(_HTML_PAGE)
-        data = await run_in_threadpool(images.get, ticket.prompt, ticket.size, ticket.scale, ticket.task_id)
+        if state.config.image_mode == "stock":
+            # One drawing per ratio for every task: the wrong-size marker still picks another ratio's.
+            prompt = "[[wrong_size]]" if MARKER_WRONG_SIZE in ticket.prompt else "Imagen 4 emulator"
+            data = await run_in_threadpool(images.get, prompt, ticket.size, ticket.scale, "")
+        else:
+            data = await run_in_threadpool(
+                images.get, ticket.prompt, ticket.size, ticket.scale, ticket.task_id
+            )
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # ------------------------------------------------------------------ control (no auth)

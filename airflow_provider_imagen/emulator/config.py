@@ -39,6 +39,8 @@ MARKER_SLOW = "[[slow]]"
 MARKER_HTML = "[[html]]"
 MARKER_LATE = "[[late]]"
 MARKER_WRONG_SIZE = "[[wrong_size]]"
+#: How images are made: each prompt drawn on its image, or one stock image per ratio drawn once.
+IMAGE_MODES = ("prompt", "stock")
 
 _RATE_FIELDS = ("moderation_rate", "failure_rate", "ambiguous_submit_rate", "error_rate_5xx")
 _NON_NEGATIVE_FIELDS = (
@@ -81,6 +83,11 @@ class EmulatorConfig:
     (moderation, failure, ambiguous submit) or per ``/api/v1`` request (``error_rate_5xx``).
     ``rate_limit_rps`` is a per-key token bucket over all ``/api/v1`` requests, with a burst of
     ``rate_limit_burst`` (default: ``max(1, rate_limit_rps)``); ``None`` disables it.
+    ``max_concurrent_renders`` caps the tasks one key may have rendering at once, as an account-wide
+    limit: a submit beyond it answers 429 (code 50001, ``Retry-After`` until the key's next task ends)
+    and is not charged; ``None`` disables it. ``image_mode="stock"`` serves one image per ratio (drawn
+    once, at Imagen 4's size) instead of drawing each prompt, so a benchmark of 10^5 images measures the
+    client, not the drawing.
     ``submit_answer_delay`` holds back the answer of every submit after its task was created and charged
     (``late_submit_delay`` for prompts containing ``[[late]]``): a client that gives up meanwhile has paid
     for a task whose id it never learns.
@@ -104,6 +111,8 @@ class EmulatorConfig:
     late_submit_delay: float = 20.0
     rate_limit_rps: float | None = None
     rate_limit_burst: float | None = None
+    max_concurrent_renders: int | None = None
+    image_mode: str = "prompt"
     moderated_words: tuple[str, ...] = field(default=(MARKER_MODERATE,))
 
     def __post_init__(self) -> None:
@@ -146,6 +155,11 @@ class EmulatorConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be > 0 or null, got {value}")
             object.__setattr__(self, name, value)
+        cap = self.max_concurrent_renders
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_concurrent_renders must be a positive integer or null, got {cap!r}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode must be one of {', '.join(IMAGE_MODES)}, got {self.image_mode!r}")
 
     @classmethod
     def fast(cls, **overrides: Any) -> EmulatorConfig:

@@ -141,6 +141,8 @@ class _Counters:
     server_errors: int = 0
     ambiguous_submits: int = 0
     late_submits: int = 0
+    #: Submits refused (429) because the key had ``max_concurrent_renders`` tasks rendering.
+    concurrency_limited: int = 0
     tasks_created: int = 0
     credits_charged: int = 0
     credits_refunded: int = 0
@@ -196,6 +198,8 @@ class EmulatorState:
 
     def _clear(self) -> None:
         self._tasks: dict[str, Task] = {}
+        #: Tasks still rendering, per key (the account-wide cap counts these).
+        self._rendering: Counter[str] = Counter()
         self._pending: list[tuple[float, str]] = []
         self._balances: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
@@ -294,6 +298,7 @@ class EmulatorState:
             if task is None or task.settled:
                 continue
             task.settled = True
+            self._rendering[task.key] -= 1
             if task.outcome != COMPLETED:
                 self._balances[task.key] = self._balance_of(task.key) + CREDITS_PER_IMAGE
                 self._counters.credits_refunded += CREDITS_PER_IMAGE
@@ -307,6 +312,18 @@ class EmulatorState:
         with self._lock:
             now = self._clock()
             self._settle(now)
+            cap = self._config.max_concurrent_renders
+            if cap is not None and self._rendering[key] >= cap:
+                self._counters.concurrency_limited += 1
+                # The heap holds only tasks still rendering (a few per cap), not every task ever made.
+                soonest = min((at for at, tid in self._pending if self._tasks[tid].key == key), default=now)
+                retry_after = max(1, math.ceil(soonest - now))
+                raise ApiError(
+                    429,
+                    RATE_LIMITED,
+                    f"Too many tasks rendering for this account ({cap} at most); retry after {retry_after} s",
+                    headers={"Retry-After": str(retry_after)},
+                )
             available = self._balance_of(key)
             if available < CREDITS_PER_IMAGE:
                 raise ApiError(
@@ -358,6 +375,7 @@ class EmulatorState:
                 wrong_size=_contains_any(prompt, (MARKER_WRONG_SIZE,)),
             )
             self._tasks[task.id] = task
+            self._rendering[key] += 1
             heapq.heappush(self._pending, (task.ready_at, task.id))
             self._balances[key] = available - CREDITS_PER_IMAGE
             counters = self._counters
@@ -476,6 +494,7 @@ class EmulatorState:
                 "server_errors": counters.server_errors,
                 "ambiguous_submits": counters.ambiguous_submits,
                 "late_submits": counters.late_submits,
+                "concurrency_limited": counters.concurrency_limited,
                 "status_counts": status_counts,
                 "submissions_by_prompt": dict(counters.submissions_by_prompt),
             }

@@ -591,3 +591,30 @@ def test_moderated_and_failed_tasks_carry_the_api_message_in_their_poll(api: Api
     failed = api.wait(api.submit_ok("a blur [[fail]]"))
     assert moderated["error"] == {"code": 80006, "message": "Request violates content policy"}
     assert failed["error"] == {"code": 60001, "message": "Generation failed"}
+
+
+# ------------------------------------------------------------------------------------- account-wide limits
+
+
+def test_an_account_cap_refuses_submits_beyond_it_with_429_and_charges_nothing(api: Api) -> None:
+    """Three tasks may render at once for a key: the fourth submit answers 429 (code 50001) with a
+    ``Retry-After`` until the key's next task ends, creates nothing and takes no credit; once one ends,
+    a submit goes through again."""
+    api.server.configure(max_concurrent_renders=3, latency_mean=1.5, latency_jitter=0.0)
+    ids = [api.submit_ok(f"capped {i}") for i in range(3)]
+    refused = api.submit("capped 3")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == 50001
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2
+    ledger = api.server.ledger()
+    assert ledger["tasks_created"] == 3 and ledger["concurrency_limited"] == 1
+    assert ledger["credits_charged"] == 3 * 46
+    api.wait(ids[0])
+    assert api.submit("capped 3 again").status_code == 200
+
+
+def test_stock_images_are_drawn_once_per_ratio_at_imagen_sizes(api: Api) -> None:
+    api.server.configure(image_mode="stock")
+    urls = [api.wait(api.submit_ok(f"stock {i}", size="9:16"))["output"]["image_urls"][0] for i in range(2)]
+    first, second = (httpx.get(u).content for u in urls)
+    assert first == second and png_size(first) == (768, 1408)
