@@ -91,8 +91,8 @@ def test_execution_timeout_while_a_post_waits_then_the_retry(stack: Stack, workd
     single_prompt = "tmo1 a brass compass on a sea chart [[late]]"
     single = {
         "prompt": single_prompt,
-        "output_path": str(workdir / "single"),
-        "journal_path": str(workdir / "single_j"),
+        "output_path": str(workdir / "out" / "single"),
+        "journal_path": str(workdir / "j" / "single"),
     }
     single_run = stack.trigger("imagen_sys_int_timeout_single", **single)
     rows = rows_for("tmob", 4, {2: "[[late]]"})
