@@ -33,6 +33,7 @@ from airflow_provider_imagen.batch.engine import (
     Finish,
     RunClock,
     StopRequestedError,
+    budget_with_balance,
     patiently,
 )
 from airflow_provider_imagen.batch.journal import (
@@ -240,11 +241,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ).epoch
         entries = journal.load()
         if self.check_balance and balance is not None:
-            # The budget is compared with what this run's journal says was spent, earlier tries
-            # included; the balance already lacks that spend, so it is added back, counted once.
-            spent = CREDITS_PER_IMAGE * sum(e.charged_submits for key, e in entries.items() if key != TRY_KEY)
-            cap = spent + balance
-            clock.budget = cap if clock.budget is None else min(clock.budget, cap)
+            clock.budget = budget_with_balance(clock.budget, balance=balance, entries=entries)
         # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
         # ``dag.test()`` drops them when it runs the trigger in-line.
         tried = [record("try", TRY_KEY, **clock.to_kwargs())]

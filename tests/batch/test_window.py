@@ -100,3 +100,20 @@ def test_every_post_that_may_have_been_paid_counts_against_the_budget() -> None:
     assert plan.committed == 3 * 46
     assert [s.key for s in plan.to_submit] == [b]  # b resent (paid again, by consent), c and d wait
     assert plan.budget_bound and [s.prompt_id for s in plan.waiting] == ["c", "d"]
+
+
+def test_check_balance_counts_each_credit_once() -> None:
+    """An earlier try paid for 2 images (92 credits, already gone from the balance of 1,000): the run
+    may spend 1,092 in all, not 1,000 more and not 1,000 - 92."""
+    from airflow_provider_imagen.batch.engine import budget_with_balance
+    from airflow_provider_imagen.batch.journal import record
+
+    entries = folded(
+        record("intent", "a|1:1|v0", a="1"),
+        record("submitted", "a|1:1|v0", a="1", task_id="t1"),
+        record("intent", "b|1:1|v0", a="2"),  # a crash: maybe paid
+        record("try", "/try", started_at=0, deadline=1, budget=None),
+    )
+    assert budget_with_balance(None, balance=1000, entries=entries) == 1092
+    assert budget_with_balance(500, balance=1000, entries=entries) == 500
+    assert budget_with_balance(5000, balance=1000, entries=entries) == 1092
