@@ -24,6 +24,7 @@ from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
 from airflow_provider_imagen.api.errors import DownloadError
 from airflow_provider_imagen.api.models import ImageRequest
 from airflow_provider_imagen.batch.journal import Journal
+from airflow_provider_imagen.batch.manifest import read_manifest
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from tests.system import conftest as system
 from tests.system.checks import SIGNED_URL, leaks, local_manifest, write_table
@@ -176,9 +177,9 @@ def test_a_bad_prompt_id_on_the_stack_wrote_nothing_outside_its_output(stack: St
                 outside.append(str(path))
     assert not outside, outside
     for manifest_dir in tests_root.glob("*/out"):
-        if (manifest_dir / "manifests").exists():
-            manifest = local_manifest(manifest_dir)
-            for uri in manifest["image_uri"].dropna():
+        # Every manifest of the folder: reruns into one output path leave one per run id.
+        for path in sorted((manifest_dir / "manifests").rglob("*.parquet")):
+            for uri in read_manifest(str(path))["image_uri"].dropna():
                 assert Path(uri.removeprefix("file://")).resolve().is_relative_to(manifest_dir.resolve())
 
 
