@@ -49,7 +49,17 @@ class ImagenUIPlugin(AirflowPlugin):
     """Serve the Imagen pages and their data from Airflow's API server, and show them in its UI."""
 
     name = "imagen"
-    external_views = external_views() if ui_enabled() else []
+
+    @property
+    def external_views(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Return the gallery tab and the spend menu entry (none when the plugin is turned off)."""
+        if not ui_enabled():
+            return []
+        if self._views is None:
+            self._views = external_views()  # one list: Airflow drops invalid views from it in place
+        return self._views
+
+    _views: list[dict[str, Any]] | None = None
 
     @property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
