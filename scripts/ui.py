@@ -39,8 +39,8 @@ def night_run() -> str | None:
     """Return the run id of the demo's night one: the run whose batch task returned a manifest."""
     with sqlite3.connect(f"file:{DB}?mode=ro", uri=True) as conn:
         rows = conn.execute(
-            "SELECT run_id, value FROM xcom WHERE dag_id = ? AND task_id = 'generate' AND key = 'return_value' "
-            "ORDER BY timestamp DESC",
+            "SELECT run_id, value FROM xcom WHERE dag_id = ? AND task_id = 'generate' "
+            "AND key = 'return_value' ORDER BY timestamp DESC",
             (DAG_ID,),
         ).fetchall()
     for run_id, value in rows:
@@ -94,7 +94,8 @@ def main() -> int:
             if server.poll() is not None:
                 say(log_path.read_text(errors="replace")[-3000:])
                 say(
-                    f"The API server exited ({server.returncode}); is port {port} free? IMAGEN_UI_PORT=… picks another."
+                    f"The API server exited ({server.returncode}); is port {port} free? "
+                    "IMAGEN_UI_PORT=… picks another."
                 )
                 return 1
             try:
