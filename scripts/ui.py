@@ -74,6 +74,8 @@ def main() -> int:
         AIRFLOW__API__BASE_URL=base,
         AIRFLOW__API__WORKERS="1",
     )
+    # A SIGTERM (a CI job's timeout, `kill`) stops the API server too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log_path = DEMO / "logs" / "api-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     gallery = f"{base}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/plugin/imagen-gallery"
