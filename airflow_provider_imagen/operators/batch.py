@@ -57,6 +57,7 @@ from airflow_provider_imagen.operators._arguments import (
 from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.ui.links import ImagenGalleryLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -125,6 +126,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         "journal_path",
         "max_credits",
     )
+    operator_extra_links = (ImagenGalleryLink(),)
     ui_color = "#d2e3fc"
 
     def __init__(
