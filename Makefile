@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo emulator bench constraints clean
+.PHONY: setup test test-fast lint demo emulator bench constraints clean ui browser
 
 # Bytecode: uv does not compile it by default (pip does), and this machine sets PYTHONDONTWRITEBYTECODE,
 # so without it every Airflow process (task runners, CLI calls) compiles Airflow from source: ~2 s each.
@@ -15,19 +15,28 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	uv venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt -e '.[test]'
+	uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt -e '.[test,ui]'
 	@touch $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup
+# The browser tests drive Debian's chromium package (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { echo "chromium is missing and could not be installed (apt-get install chromium)"; exit 1; }
+
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# Serve the demo's Airflow (after make demo) with the Imagen plugin; prints the night's gallery URL.
+ui: setup
+	$(PY) scripts/ui.py
 
 # The benchmark suite (issue 6; ~1 h): BENCH_ARGS="--quick" for a few minutes. Figures: docs/benchmarks.md.
 bench: setup

@@ -46,7 +46,11 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": "Imagen", "python-modules": ["airflow_provider_imagen.triggers.imagen"]},
         ],
-        "extra-links": ["airflow_provider_imagen.operators.generate.ImagenImageLink"],
+        "extra-links": [
+            "airflow_provider_imagen.operators.generate.ImagenImageLink",
+            "airflow_provider_imagen.ui.links.ImagenGalleryLink",
+            "airflow_provider_imagen.ui.links.ImagenImageGalleryLink",
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_imagen.hooks.imagen.ImagenHook",

@@ -87,6 +87,10 @@ class RunClock:
     budget: int | None = None
     #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
     epoch: int | None = None
+    #: Tasks this try keeps in flight now: ``max_in_flight`` at first, halved when the API answers a
+    #: submit with 429 (an account-wide limit shared with other batches), grown by one per round of
+    #: submits it accepts whole. ``None``: ``max_in_flight``.
+    window: int | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
         """Return the JSON-safe form for ``defer(kwargs=…)``."""
@@ -96,6 +100,7 @@ class RunClock:
             "progress_at": self.progress_at,
             "budget": self.budget,
             "epoch": self.epoch,
+            "window": self.window,
         }
 
 

@@ -109,6 +109,8 @@ class BatchPass:
     ) -> None:
         self.client = client
         self.journal = journal
+        #: Seconds the API asked to wait after the last round of submits (a 429), else 0.
+        self._backoff = 0.0
         #: Set by the operator's ``on_kill`` (a clear, mark-failed, a worker shutting down): no POST after.
         self.stop = stop or threading.Event()
         self.specs = specs
@@ -153,6 +155,11 @@ class BatchPass:
             plan = self._plan(stop is not None)
             if plan.in_flight:
                 break
+            if self._backoff and plan.to_submit:
+                # Nothing of ours renders and the account is full: wait as the API asked, then try again.
+                time.sleep(min(self._backoff, max(self.clock.deadline - self.now(), 0.0)))
+                stop = self._stop_reason() or stop
+                plan = self._plan(stop is not None)
             # The API refused every submit of that window (400s, say) and nothing is rendering: send the
             # next window now. Refused keys are final for this try, so this ends.
         if plan.unknown and not plan.in_flight and not plan.to_submit:
@@ -210,13 +217,33 @@ class BatchPass:
         return plan_window(
             self.specs,
             self.entries,
-            max_in_flight=self.settings.max_in_flight,
+            max_in_flight=self.window,
             max_credits=self.clock.budget,
             resubmit_unknown=self.settings.resubmit_unknown,
             retry_mirror_after=self.clock.started_at,
             retry_rejected_before=self.clock.started_at,
             stop_submitting=stop_submitting,
         )
+
+    @property
+    def window(self) -> int:
+        """Return how many tasks may be in flight now (see :attr:`RunClock.window`)."""
+        return min(self.clock.window or self.settings.max_in_flight, self.settings.max_in_flight)
+
+    def _adapt(self, reports: Sequence[SubmitReport]) -> float:
+        """Shrink the window on a 429, grow it back by one on a round without one; return the wait.
+
+        Several batches on one account then share its capacity instead of each storming it with its
+        own ``max_in_flight``: additive increase, multiplicative decrease.
+        """
+        limited = [e for r in reports for e in r.rejected.values() if isinstance(e, RateLimitedError)]
+        if limited:
+            self.clock.window = max(1, self.window // 2)
+            log.info("The API rate-limits submits: the window shrinks to %d.", self.clock.window)
+            return max((e.retry_after or 1.0) for e in limited)
+        if any(r.submitted for r in reports) and self.window < self.settings.max_in_flight:
+            self.clock.window = self.window + 1
+        return 0.0
 
     def _stop_reason(self) -> StopReason | None:
         """Return why no more may be submitted in this try, if anything forbids it."""
@@ -426,6 +453,7 @@ class BatchPass:
         pool.shutdown()
         for report in reports:
             self._fold(report.records)
+        self._backoff = self._adapt(reports)
         if self.stop.is_set():
             raise StopRequestedError(
                 "the task was asked to stop (a clear, mark-failed or a worker shutting down); every POST "
@@ -477,11 +505,12 @@ class BatchPass:
             e.charged_since(self.clock.started_at) for k, e in self.entries.items() if k in self._by_key
         )
         log.info(
-            "Progress: %d/%d done, %d in flight, %d waiting, %d failed, %d moderated, %d unknown; "
-            "credits %s%s ($%.2f; paid in this try %s, earlier %s); %.1f images/min; ETA %s",
+            "Progress: %d/%d done, %d in flight (window %d), %d waiting, %d failed, %d moderated, "
+            "%d unknown; credits %s%s ($%.2f; paid in this try %s, earlier %s); %.1f images/min; ETA %s",
             plan.done,
             plan.total,
             len(plan.in_flight),
+            self.window,
             len(plan.waiting) + len(plan.to_submit),
             plan.failed,
             plan.moderated,

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 from airflow.sdk import ObjectStoragePath
 
@@ -77,13 +77,15 @@ _LOAD_ATTEMPTS: Final = 5
 DEFAULT_COMPACT_OVER: Final = 200
 
 
-RefusalKind = Literal["not_sent", "authentication", "insufficient_credits", "refused"]
-#: Why a POST provably created nothing, as decisions need it: never sent (send it now), a wrong key or an
-#: empty account (every other POST would be refused the same way: stop), or any other refusal.
-REFUSAL_KINDS: Final[tuple[str, ...]] = ("not_sent", "authentication", "insufficient_credits", "refused")
+RefusalKind = Literal["not_sent", "rate_limited", "authentication", "insufficient_credits", "refused"]
+#: Why a POST provably created nothing, as decisions need it: never sent, or refused for now by a rate
+#: or concurrency limit (send it again, later), a wrong key or an empty account (every other POST would
+#: be refused the same way: stop), or any other refusal (final for this try).
+REFUSAL_KINDS: Final[tuple[str, ...]] = get_args(RefusalKind)
 #: Error names in the ``reason`` of journals written before ``rejected`` records carried a ``kind``.
 _KIND_OF_ERROR: Final = {
     "NotSentError": "not_sent",
+    "RateLimitedError": "rate_limited",
     "AuthenticationError": "authentication",
     "InsufficientCreditsError": "insufficient_credits",
 }

@@ -32,6 +32,7 @@ from airflow_provider_imagen.api.errors import (
     ImagenAPIError,
     ImagenTransportError,
     InsufficientCreditsError,
+    RateLimitedError,
 )
 from airflow_provider_imagen.api.models import ImageRequest
 from airflow_provider_imagen.batch.fence import FencedError
@@ -186,6 +187,8 @@ def refusal_kind(error: Exception) -> RefusalKind:
     """Return what a refused (provably not created) POST means for the rest of the run."""
     if isinstance(error, NotSentError):
         return "not_sent"
+    if isinstance(error, RateLimitedError):
+        return "rate_limited"
     if isinstance(error, AuthenticationError):
         return "authentication"
     if isinstance(error, InsufficientCreditsError):

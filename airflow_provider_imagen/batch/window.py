@@ -110,8 +110,9 @@ def plan_window(
                 plan.done += 1
             continue
         if entry.task_id is None:  # every submit so far was provably rejected
-            if entry.rejected_kind == "not_sent":
-                # Never sent (a stopped loop, a fenced older try): nothing refused it, so send it now.
+            if entry.rejected_kind in ("not_sent", "rate_limited"):
+                # Never sent (a stopped loop, a fenced older try), or refused only for now (a rate or
+                # concurrency limit): nothing was created, so it goes back with the rows to send.
                 unsent.append(spec)
             elif (
                 retry_rejected_before is not None

@@ -4,6 +4,12 @@ A human looking at a demo's output (or a test checking a mirrored file) must be 
 produced which image, so the prompt is drawn large and wrapped on a background whose colour is a hash of the
 prompt. Rendering costs tens of milliseconds, so it happens only on download and results are kept in a small
 LRU cache; the poll path never renders.
+
+Prompts are often Chinese. An installed CJK font is used when there is one (every character it has);
+otherwise the font shipped in ``fonts/``: a subset of WenQuanYi Micro Hei (Apache License 2.0, see
+``fonts/NOTICE``) with Latin, general and CJK punctuation, full-width forms and the 3,755 common Chinese
+characters of GB 2312 level 1, which covers every prompt of the sample data. A rarer character (or kana,
+hangul…) draws as a box with it; no system package is needed at run time.
 """
 
 from __future__ import annotations
@@ -14,12 +20,16 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from airflow_provider_imagen.emulator.config import MARKER_WRONG_SIZE, MODEL, SIZES
 
 FontType = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+#: The font shipped with the package: Latin and common Chinese, for machines without a CJK font.
+BUNDLED_FONT = Path(__file__).resolve().parent / "fonts" / "WenQuanYiMicroHei-subset.ttf"
 
 _CJK_FONT_PATTERNS = (
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
@@ -56,7 +66,7 @@ def rendered_size(prompt: str, size: str, scale: float = 1.0) -> tuple[int, int]
 
 @functools.lru_cache(maxsize=1)
 def find_cjk_font() -> str | None:
-    """Return the path of an installed font with Chinese glyphs, or ``None`` if there is none."""
+    """Return the path of an installed font with Chinese glyphs, else of the bundled subset."""
     for pattern in _CJK_FONT_PATTERNS:
         for path in sorted(glob.glob(pattern, recursive=True)):
             try:
@@ -64,12 +74,12 @@ def find_cjk_font() -> str | None:
             except OSError:
                 continue
             return path
-    return None
+    return str(BUNDLED_FONT) if BUNDLED_FONT.is_file() else None
 
 
 @functools.lru_cache(maxsize=32)
 def load_font(size: int) -> FontType:
-    """Return a font of ``size`` pixels: a CJK font if installed, else Pillow's built-in scalable font."""
+    """Return a font of ``size`` pixels: a CJK font (installed or bundled), else Pillow's built-in one."""
     path = find_cjk_font()
     if path is not None:
         try:

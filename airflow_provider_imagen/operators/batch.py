@@ -57,6 +57,7 @@ from airflow_provider_imagen.operators._arguments import (
 from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.ui.links import ImagenGalleryLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -125,6 +126,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         "journal_path",
         "max_credits",
     )
+    operator_extra_links = (ImagenGalleryLink(),)
     ui_color = "#d2e3fc"
 
     def __init__(
@@ -259,6 +261,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         progress_at: float = 0.0,
         budget: int | None = None,
         epoch: int | None = None,
+        window: int | None = None,
     ) -> dict[str, Any]:
         """Resume after the trigger: check this try still owns the journal, validate the event, go on.
 
@@ -274,7 +277,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
         clocks = saved.clocks if saved is not None else {}
         if lease.epoch not in clocks:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
-        clock = RunClock(**{**clocks[lease.epoch], "progress_at": progress_at, "epoch": lease.epoch})
+        # The window adapts between passes; where Airflow kept the kwargs it goes on from where it was.
+        resumed = {"progress_at": progress_at, "epoch": lease.epoch, "window": window}
+        clock = RunClock(**{**clocks[lease.epoch], **resumed})
         return self._run(
             context, journal, self._specs(), clock, outcome, client=self._client(), entries=entries
         )

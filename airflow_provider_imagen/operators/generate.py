@@ -44,6 +44,7 @@ from airflow_provider_imagen.operators._arguments import check_generate_argument
 from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
 from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.ui.links import ImagenImageGalleryLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, TaskInstanceKey
@@ -111,7 +112,7 @@ class ImagenGenerateOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("prompt", "size", "imagen_conn_id", "output_path", "journal_path")
-    operator_extra_links = (ImagenImageLink(),)
+    operator_extra_links = (ImagenImageLink(), ImagenImageGalleryLink())
     ui_color = "#e8f0fe"
 
     def __init__(

@@ -149,3 +149,59 @@ def test_a_balance_read_waits_out_429s_until_the_deadline(emulator: Any) -> None
         assert len(balances) == 3 and emulator.ledger()["rate_limited"] >= 1
         with pytest.raises(RateLimitedError):  # no time left: the 429 is the answer
             patiently(client.get_balance, deadline=time.time() + 0.01, what="the balance")
+
+
+def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any, tmp_path: Path) -> None:
+    """An account may render 6 tasks at once; three batches of 12 rows each ask for 6 at a time. Their
+    windows shrink on the API's 429s instead of failing rows: every row ends completed, each prompt
+    was paid once, and each batch's window went below its ceiling at least once."""
+    import threading
+
+    from airflow_provider_imagen.api.retry import RetryPolicy
+
+    emulator.configure(max_concurrent_renders=6, latency_mean=0.6, latency_jitter=0.2)
+    settings = ClientSettings(
+        api_key=emulator.api_key, base_url=emulator.base_url, retry=RetryPolicy(max_attempts=1)
+    )
+    smallest: dict[int, int] = {}
+    finishes: dict[int, Finish] = {}
+
+    def batch(n: int) -> None:
+        specs = expand_specs([{"prompt_id": f"b{n}-{i}", "prompt": f"batch {n} lamp {i}"} for i in range(12)])
+        journal = Journal(str(tmp_path / f"j{n}"), dag_id="d", task_id="t", run_id=f"r{n}")
+        now = time.time()
+        clock = RunClock(started_at=now, deadline=now + 90)
+        knobs = BatchSettings(max_in_flight=6, expected_render=0.5, poll_interval=0.2, linger=0)
+        smallest[n] = knobs.max_in_flight
+        with ImagenClient(settings) as client:
+            outcome = None
+            while True:
+                step = BatchPass(
+                    client=client,
+                    journal=journal,
+                    specs=specs,
+                    images_root=str(tmp_path / f"images{n}"),
+                    settings=knobs,
+                    clock=clock,
+                ).run(outcome)
+                smallest[n] = min(smallest[n], clock.window or knobs.max_in_flight)
+                if isinstance(step, Finish):
+                    finishes[n] = step
+                    return
+                outcome = poll_tasks(
+                    client, step.task_ids, deadline=clock.deadline, schedule=knobs.schedule, fire_when_done=1
+                )
+
+    threads = [threading.Thread(target=batch, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    ledger = emulator.ledger()
+    assert sorted(finishes) == [0, 1, 2]
+    for n in range(3):
+        entries = Journal(str(tmp_path / f"j{n}"), dag_id="d", task_id="t", run_id=f"r{n}").load()
+        assert sum(1 for e in entries.values() if e.status == "completed" and e.mirrored) == 12
+    assert ledger["tasks_created"] == 36 and max(ledger["submissions_by_prompt"].values()) == 1
+    assert ledger["concurrency_limited"] > 0  # the cap was met…
+    assert all(smallest[n] < 6 for n in range(3))  # …and every batch's window gave way to it

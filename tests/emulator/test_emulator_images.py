@@ -64,3 +64,31 @@ def test_cache_is_bounded_lru() -> None:
     cache.get("c", "1:1", 0.1)  # evicts "b"
     assert len(cache) == 2
     assert cache.get("a", "1:1", 0.1) is first
+
+
+def test_chinese_prompts_draw_their_characters_without_a_system_font(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no CJK font installed, the bundled subset draws every character of the sample data's prompts."""
+    import glob as glob_module
+
+    import pandas as pd
+
+    from airflow_provider_imagen.emulator import images
+
+    monkeypatch.setattr(images, "_CJK_FONT_PATTERNS", ())
+    images.find_cjk_font.cache_clear()
+    images.load_font.cache_clear()
+    try:
+        assert images.find_cjk_font() == str(images.BUNDLED_FONT)
+        font = images.load_font(32)
+        box = bytes(font.getmask("\uffff"))  # a code point no font draws: its "tofu" box
+        prompts = set()
+        for path in glob_module.glob("dags/data/**/*.parquet", recursive=True):
+            prompts |= set(pd.read_parquet(path)["prompt"].dropna().astype(str))
+        text = {ch for prompt in prompts for ch in prompt if not ch.isspace()}
+        assert any(ord(ch) > 0x2E80 for ch in text)  # the sample data has Chinese prompts
+        drawn = {ch: bytes(font.getmask(ch)) for ch in text}
+        assert not [ch for ch, mask in drawn.items() if mask == box or not any(mask)]
+        assert drawn["茶"] != drawn["的"] != drawn["a"]
+    finally:
+        images.find_cjk_font.cache_clear()
+        images.load_font.cache_clear()
