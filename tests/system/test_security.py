@@ -27,7 +27,7 @@ from airflow_provider_imagen.batch.journal import Journal
 from airflow_provider_imagen.batch.manifest import read_manifest
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from tests.system import conftest as system
-from tests.system.checks import SIGNED_URL, leaks, local_manifest, write_table
+from tests.system.checks import SIGNED_URL, leaks, write_table
 from tests.system.stack import Stack, wait_until
 from tests.system.test_bad_input import WRONG_KEY
 
