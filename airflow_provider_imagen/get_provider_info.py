@@ -47,6 +47,24 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Imagen", "python-modules": ["airflow_provider_imagen.triggers.imagen"]},
         ],
         "extra-links": ["airflow_provider_imagen.operators.generate.ImagenImageLink"],
+        "config": {
+            "imagen": {
+                "description": "Settings of the Imagen (reAPI) provider.",
+                "options": {
+                    "journal_root": {
+                        "description": "Where the exactly-once journals of the Imagen operators live, "
+                        "as an absolute path or an ObjectStoragePath URI. It must be storage every "
+                        "worker sees, or a retry on another worker cannot find what an earlier try "
+                        "paid for. An operator's journal_path argument overrides it. Unset: a _journal "
+                        "folder in the operator's output folder, else $AIRFLOW_HOME/imagen/journal.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://aws_default@my-bucket/imagen/journal",
+                        "default": None,
+                    },
+                },
+            },
+        },
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_imagen.hooks.imagen.ImagenHook",
