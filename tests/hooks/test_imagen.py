@@ -87,14 +87,13 @@ class TestHookAgainstTheEmulator:
 
 
 class TestProviderRegistration:
-    def test_connection_form_metadata(self) -> None:
+    def test_every_extra_the_form_offers_changes_the_client_settings(self) -> None:
         (conn_type,) = get_provider_info()["connection-types"]
-        assert conn_type["connection-type"] == "imagen"
-        behaviour = conn_type["ui-field-behaviour"]
-        assert behaviour["relabeling"] == {"host": "Base URL", "password": "API key"}
-        assert behaviour["placeholders"]["host"] == "https://reapi.ai"
-        assert {"schema", "login", "port"} <= set(behaviour["hidden-fields"])
-        assert set(conn_type["conn-fields"]) == {"timeout", "max_retries"}
+        plain = settings_from_connection(Connection(conn_id="c", conn_type="imagen", password="k"))
+        for name, field in conn_type["conn-fields"].items():
+            extra = json.dumps({name: field["schema"]["minimum"] + 5})
+            conn = Connection(conn_id="c", conn_type="imagen", password="k", extra=extra)
+            assert settings_from_connection(conn) != plain, f"the form's {name!r} is ignored by the hook"
 
     def test_provider_info_matches_airflows_schema(self) -> None:
         """The schema file Airflow ships and validates every provider's info against at discovery."""
