@@ -1,7 +1,7 @@
 """The prompt table: read it, and turn every row into one validated spec per requested image.
 
 Why a module of its own: every image costs money, so bad input must be found before the first POST
-(DESIGN rule 10), named by row and field, and recorded, never sent and never charged. The batch operator
+(refusing it is free), named by row and field, and recorded, never sent and never charged. The batch operator
 submits only the specs this module calls valid; the rest go to the manifest as ``invalid``.
 
 Invariants:
