@@ -51,6 +51,32 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_provider_imagen.ui.links.ImagenGalleryLink",
             "airflow_provider_imagen.ui.links.ImagenImageGalleryLink",
         ],
+        "config": {
+            "imagen": {
+                "description": "Settings of the Imagen (reAPI) provider.",
+                "options": {
+                    "journal_root": {
+                        "description": "Where the exactly-once journals of the Imagen operators live, "
+                        "as an absolute path or an ObjectStoragePath URI. It must be storage every "
+                        "worker sees, or a retry on another worker cannot find what an earlier try "
+                        "paid for. An operator's journal_path argument overrides it. Unset: a _journal "
+                        "folder in the operator's output folder, else $AIRFLOW_HOME/imagen/journal.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://aws_default@my-bucket/imagen/journal",
+                        "default": None,
+                    },
+                    "ui_enabled": {
+                        "description": "Serve the Imagen gallery and spend pages in Airflow's UI (the "
+                        "plugin this provider installs). False turns the pages and their API off.",
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    },
+                },
+            },
+        },
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_imagen.hooks.imagen.ImagenHook",

@@ -1,1 +1,1 @@
-"""Benchmarks of the provider against the approaches users take without it (issue 6); see README.md."""
+"""Benchmarks of the provider against the approaches users take without it; see README.md."""

@@ -1,13 +1,14 @@
 """Run one benchmark scenario on a real Airflow (``airflow standalone``) against the reAPI emulator.
 
-Why this exists: issue 6 asks for figures anyone can reproduce, side by side with what users build
+Why this exists: the figures must be reproducible by anyone, side by side with what users build
 without us, on a real scheduler and triggerer (``dag.test()`` runs triggers in-process and would hide
 exactly the overhead we claim to keep out of the way). One scenario = one fresh world:
 
 1. a fresh ``AIRFLOW_HOME`` under /tmp (SQLite by default, or a throw-away PostgreSQL), LocalExecutor,
-   DAGS_FOLDER = ``benchmarks/dags``, the DESIGN.md settings, every port a free loopback one;
+   DAGS_FOLDER = ``benchmarks/dags``, small-machine settings (parallelism, fast DAG refresh, DAGs unpaused at
+   creation), every port a free loopback one;
 2. ``airflow db migrate``; the emulator as a subprocess on a free port; ``airflow standalone`` in its own
-   session with SIGINT restored (DESIGN.md: a background standalone ignores SIGINT otherwise, and
+   session with SIGINT restored (a standalone started in the background ignores SIGINT otherwise, and
    ``kill -TERM`` orphans its children); wait until ``/api/v2/monitor/health`` is all healthy and the DAG
    is parsed;
 3. one DAG run triggered through the REST API with conf ``{n, max_in_flight, output_dir, ...}``, waited
@@ -94,7 +95,7 @@ class Scenario:
 
     @property
     def ideal_s(self) -> float | None:
-        """The render-bound lower limit N / max_in_flight × mean latency (issue 6), when it applies."""
+        """The render-bound lower limit N / max_in_flight × mean latency, when it applies."""
         if not self.max_in_flight:
             return None
         return self.n / self.max_in_flight * self.latency_mean
@@ -360,7 +361,8 @@ class Postgres:
             return sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), reverse=True)
 
         if not found() and os.geteuid() == 0 and shutil.which("apt-get"):
-            # Debian's package, as issue 6 asks; `apt-get update` only if the first try fails.
+            # Debian's package, the PostgreSQL users of this kind of machine get; `apt-get update` only if the
+            # first try fails.
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]
             if subprocess.run(install, capture_output=True, timeout=900, env=env).returncode != 0:
@@ -709,7 +711,7 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
             slot_s += dt * (a.states.get("running", 0) + b.states.get("running", 0)) / 2  # type: ignore[union-attr]
             deferred_s += dt * (a.states.get("deferred", 0) + b.states.get("deferred", 0)) / 2  # type: ignore[union-attr]
         out["running_slot_seconds"] = round(slot_s, 1)
-        # The triggerer while a task waits in it (issue 6, scenario 3: "CPU while waiting").
+        # The triggerer while a task waits in it (scenario 3: "CPU while waiting").
         waiting = [
             (a, b)
             for a, b in itertools.pairwise(state_samples)

@@ -1,11 +1,12 @@
 """The benchmark suite: every scenario in one list, so one command runs them side by side in one session.
 
-Why a list of plain records: issue 6 wants ours and the baselines run on the same machine, against the same
-emulator settings, in the same session. Adding a scenario (ours: ``benchmarks/dags/imagen_batch.py``) is
-one line here; the harness only needs a DAG id and a conf. Settings (see :class:`Scenario`): ``name``,
-``dag_id``, ``n``, ``max_in_flight``, ``parallelism``, ``latency_mean``/``latency_jitter`` (emulator),
-``timeout_s``, ``expect`` (the DAG-run state that counts as the expected outcome), extra ``conf``,
-``airflow_config`` (``AIRFLOW__…`` variables), ``emulator_args`` (extra emulator CLI flags), ``note``.
+Why a list of plain records: ours and the baselines are only comparable when run on the same machine,
+against the same emulator settings, in the same session. Adding a scenario (ours:
+``benchmarks/dags/imagen_batch.py``) is one line here; the harness only needs a DAG id and a conf.
+Settings (see :class:`Scenario`): ``name``, ``dag_id``, ``n``, ``max_in_flight``, ``parallelism``,
+``latency_mean``/``latency_jitter`` (emulator), ``timeout_s``, ``expect`` (the DAG-run state that counts
+as the expected outcome), extra ``conf``, ``airflow_config`` (``AIRFLOW__…`` variables), ``emulator_args``
+(extra emulator CLI flags), ``note``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SUITE: list[Scenario] = [
              timeout_s=900, airflow_config={"IMAGEN_BENCH_LINGER": "0"},
              note="ours: 2,000 tasks in one trigger (scenario 3; linger 0 keeps the whole wait there)"),
 ]  # fmt: skip
-"""The full suite (issue 6, scenarios 1 to 5). About 25 minutes for one repeat."""
+"""The full suite (scenarios 1 to 5 of docs/benchmarks.md). About 25 minutes for one repeat."""
 
 SCALING: list[Scenario] = [
     Scenario(f"imagen_batch_{n}", dag_id="imagen_batch_w100", n=n, max_in_flight=100, timeout_s=900,

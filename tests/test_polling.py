@@ -46,11 +46,6 @@ def not_found() -> TaskNotFoundError:
 
 
 class TestSchedule:
-    def test_defaults(self) -> None:
-        s = PollSchedule()
-        assert (s.expected_render, s.poll_interval, s.backoff, s.max_poll_interval) == (10.0, 2.0, 1.5, 30.0)
-        assert (s.max_consecutive_errors, s.max_concurrent_polls, s.round_gap) == (10, 8, 0.25)
-
     def test_kwargs_round_trip_through_json(self) -> None:
         s = PollSchedule(
             expected_render=0.1, poll_interval=0.05, backoff=1.0, max_poll_interval=1, max_concurrent_polls=3

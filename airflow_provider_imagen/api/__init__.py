@@ -1,19 +1,20 @@
 """The reAPI image contract as a small client library. Never imports Airflow.
 
 Airflow-facing code (hooks, operators, triggers) adapts these pieces; everything here also works in a
-plain script or another orchestrator.
+plain script or another orchestrator. One concern per module:
+
+- ``models``: requests, tasks, sizes and prices; ``errors``: the exception hierarchy;
+- ``settings``: :class:`ClientSettings`; ``urls``: base URLs and their redaction in errors and logs;
+- ``flows``: every call written once (request, retry loop, error mapping), driven by both clients;
+- ``retry``: when a failed call is tried again; ``error_mapping``: which exception a failure becomes;
+- ``images``: checking an image body as it streams in;
+- ``client``: :class:`ImagenClient` and :class:`AsyncImagenClient`, which only send and sleep;
+- ``wire`` and ``aiohttp_sender``: the plain call/reply shapes and the triggerer's aiohttp sender.
 """
 
 from __future__ import annotations
 
-from airflow_provider_imagen.api.client import (
-    AsyncImagenClient,
-    ClientSettings,
-    DownloadedImage,
-    ImagenClient,
-    normalize_base_url,
-    redact_url,
-)
+from airflow_provider_imagen.api.client import AsyncImagenClient, ImagenClient
 from airflow_provider_imagen.api.errors import (
     AmbiguousSubmitError,
     AuthenticationError,
@@ -36,6 +37,7 @@ from airflow_provider_imagen.api.errors import (
     TaskTimeoutError,
     WrongImageSizeError,
 )
+from airflow_provider_imagen.api.images import DownloadedImage
 from airflow_provider_imagen.api.models import (
     CREDITS_PER_IMAGE,
     DEFAULT_SIZE,
@@ -47,6 +49,8 @@ from airflow_provider_imagen.api.models import (
     Task,
 )
 from airflow_provider_imagen.api.retry import RetryPolicy
+from airflow_provider_imagen.api.settings import ClientSettings
+from airflow_provider_imagen.api.urls import normalize_base_url, redact_url
 
 __all__ = [
     "CREDITS_PER_IMAGE",

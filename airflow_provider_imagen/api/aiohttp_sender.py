@@ -20,17 +20,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import urllib.request
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.helpers import get_env_proxy_for_url
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from airflow_provider_imagen.api.client import redact_url
+from airflow_provider_imagen.api.urls import redact_url
 from airflow_provider_imagen.api.wire import Call
 
 #: Read size when streaming a body back to httpx.
@@ -88,10 +88,10 @@ class AiohttpSender:
     """Send :class:`~airflow_provider_imagen.api.wire.Call` objects with one aiohttp session.
 
     The session (a pool of at most ``max_connections``) is opened on first use, inside the event loop
-    that uses it (a trigger's). Like httpx it follows no redirect, keeps no cookies and honours the
-    ``HTTP(S)_PROXY`` / ``NO_PROXY`` variables (looked up once per host: aiohttp's own ``trust_env``
-    looks them up on every request, which tripled the CPU of a poll). A request line is logged at
-    DEBUG with its URL redacted.
+    that uses it (a trigger's). Like httpx it follows no redirect and keeps no cookies. Proxies follow
+    aiohttp's own ``trust_env`` rules (``HTTP(S)_PROXY``, ``NO_PROXY``, proxy credentials from
+    ``.netrc``), looked up once per scheme and host: ``trust_env`` itself looks them up on every request,
+    which tripled the CPU of a poll. A request line is logged at DEBUG with its URL redacted.
 
     :param timeout: seconds to connect (including waiting for a pooled connection) and between reads.
     :param max_connections: connection pool size.
@@ -103,7 +103,7 @@ class AiohttpSender:
             total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[tuple[str, str], str | None] = {}
+        self._proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -117,15 +117,24 @@ class AiohttpSender:
 
     def proxy_for(self, url: URL) -> str | None:
         """Return the environment's proxy for ``url`` (``None``: direct), remembered per scheme and host."""
+        proxy, _ = self._proxy(url)
+        return None if proxy is None else str(proxy)
+
+    def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         key = (url.scheme, url.host or "")
         if key not in self._proxies:
-            bypass = not url.host or urllib.request.proxy_bypass_environment(url.host)
-            self._proxies[key] = None if bypass else urllib.request.getproxies_environment().get(url.scheme)
+            # httpx keeps its own matcher private (httpx._utils), so the rules are aiohttp's, which
+            # differ from httpx's in two places: ALL_PROXY and CIDR ranges in NO_PROXY are not honoured.
+            try:
+                self._proxies[key] = get_env_proxy_for_url(url)
+            except LookupError:  # no proxy for this scheme, or NO_PROXY names the host
+                self._proxies[key] = (None, None)
         return self._proxies[key]
 
     async def send(self, call: Call, *, stream: bool = False) -> Any:
         """Send ``call``; answer a ``_Reply``, or with ``stream`` an ``httpx.Response`` to read and close."""
         url = URL(call.url)
+        proxy, proxy_auth = self._proxy(url)
         try:
             response = await self._open().request(
                 call.method,
@@ -133,7 +142,8 @@ class AiohttpSender:
                 headers=call.headers,
                 data=call.content,
                 allow_redirects=False,
-                proxy=self.proxy_for(url),
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
             )
         except (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError) as exc:

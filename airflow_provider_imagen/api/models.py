@@ -169,9 +169,11 @@ class Task:
         if not isinstance(task_id, str) or not task_id:
             raise ValueError("the task answer carries no 'id' (nor 'task_id')")
         status = body.get("status")
-        output = body.get("output") if isinstance(body.get("output"), dict) else {}
-        urls = output.get("image_urls") or []
-        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        output = body.get("output")
+        urls = (output.get("image_urls") if isinstance(output, dict) else None) or []
+        error = body.get("error")
+        if not isinstance(error, dict):
+            error = {}
         code = error.get("code")
         created = body.get("created_at")
         return cls(

@@ -58,7 +58,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Return the full-jitter delay after failed ``attempt`` (1-based)."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         return ceiling * self.rand()
 
     def delay_for(self, attempt: int, retry_after: float | None) -> float:

@@ -30,6 +30,8 @@ class Call:
     headers: Mapping[str, str] = field(repr=False)
     #: The request body, if any (JSON requests: see :func:`json_call`).
     content: bytes | None = field(default=None, repr=False)
+    #: Answer as soon as the headers arrive and leave the body open (image downloads).
+    stream: bool = False
 
 
 def json_call(method: str, url: str, headers: Mapping[str, str], body: Any) -> Call:

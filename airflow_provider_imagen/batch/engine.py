@@ -2,7 +2,7 @@
 
 Why passes: a batch of thousands of images runs as one Airflow task that comes back to a worker only when
 there is work (images to mirror, room in the window) and waits in the triggerer in between. Each pass
-rebuilds its state from the prompt table and the journal (DESIGN rule 9), so a pass can run on any
+rebuilds its state from the prompt table and the journal, never from memory, so a pass can run on any
 worker, after any crash, in any try. The operator is a thin adapter: it turns a :class:`Wait` into a
 deferral (or a blocking poll) and a :class:`Finish` into its return value.
 

@@ -1,6 +1,6 @@
 """The manifest: one Parquet row per requested image, saying what became of it and what it cost.
 
-Why: a batch run's result is too big for XCom (DESIGN rule 4), and users need one table to join back
+Why: a batch run's result is too big for XCom, and users need one table to join back
 to their prompts, to find the images, and to reconcile the bill. XCom and the Asset event carry only the
 manifest's URI, its counts and its credits.
 

@@ -2,7 +2,7 @@
 
 Why pure: a batch runs as many short passes (``execute``, then ``execute_complete`` after each trigger
 event, possibly on other workers and across retries). Each pass rebuilds its view from the specs and the
-journal, never from memory (DESIGN rule 9); this module turns that view into a plan without I/O, so the
+journal, never from memory; this module turns that view into a plan without I/O, so the
 rules — the window bound, the budget, what an unknown submit means — are tested without a server.
 
 Invariants:

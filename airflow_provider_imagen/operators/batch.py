@@ -1,7 +1,7 @@
 """Generate images for a whole prompt table in one task: thousands of prompts, paid once, one manifest.
 
 One task instance per prompt (the stock approach) is capped at 1024 by ``max_map_length`` and costs
-seconds of scheduling per prompt (DESIGN rule 8). This operator keeps a bounded window of tasks in flight
+seconds of scheduling per prompt. This operator keeps a bounded window of tasks in flight
 at the API, waits for them in the triggerer, and comes back to a worker only to mirror finished images
 and refill the window. The work of each pass lives in :mod:`airflow_provider_imagen.batch.engine`; this
 module adapts it to Airflow (deferral, XCom, Asset events, failure policy).

@@ -70,9 +70,9 @@ class PollSchedule:
     max_poll_interval: float = 30.0
     #: Transient failures in a row (5xx, transport, 429) after which polling gives up with ``error``.
     max_consecutive_errors: int = 10
-    #: Polls in flight at once (threads on a worker); also the trigger's HTTP connection pool size. Kept
-    #: small: httpx's pool costs CPU per request that grows with the connections (measured against the
-    #: emulator: ~1.7 ms per GET at 20, ~0.9 ms at 8), and 8 still serve thousands of polls a second.
+    #: Polls in flight at once: threads on a worker, connections in the trigger's aiohttp pool. Kept small:
+    #: 8 still serve thousands of polls a second, and more bought no earlier notice for more CPU per poll
+    #: (20 concurrent GETs cost ~1.7 ms each against the emulator, 8 ~0.9 ms; measured through httpx).
     max_concurrent_polls: int = 8
     #: Least seconds between the starts of two poll rounds: ids falling due meanwhile wait for the next
     #: round, so a poller wakes at most 4 times a second however many ids it watches. Waking for each id

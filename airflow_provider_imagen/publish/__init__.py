@@ -12,7 +12,12 @@ reusable outside the example DAGs:
 - :mod:`~airflow_provider_imagen.publish.runs`: the plan and publish steps the example DAGs run around
   the batch operator, and where each file lives under an output root.
 
-Nothing is imported here, so importing one module never pulls in the others' dependencies.
+Nothing is imported here, so importing one module never pulls in the others' dependencies; all of
+them come with the ``publish`` extra, which this checks first.
 """
 
 from __future__ import annotations
+
+from airflow_provider_imagen._extras import require_extra
+
+require_extra("publish", feature="Publishing a run (airflow_provider_imagen.publish)")

@@ -1,8 +1,8 @@
 """Baseline: the single hand-written task a user writes next, once the mapped DAG proves too slow.
 
-Why it exists: issue 6, scenario 5 compares our provider with this loop. It is fast (Airflow schedules
-one task instance), but it holds a worker slot from the first POST to the last download, polls every
-pending id every 2 s with no backoff (about five polls per image at 10 s renders), and has no retry
+Why it exists: scenario 5 of docs/benchmarks.md compares our provider with this loop. It is fast (Airflow
+schedules one task instance), but it holds a worker slot from the first POST to the last download, polls
+every pending id every 2 s with no backoff (about five polls per image at 10 s renders), and has no retry
 safety: a retry of this task re-submits, and re-pays, every prompt. It deliberately does NOT import
 ``airflow_provider_imagen``; it reads the base URL and the key from the ``reapi_http`` connection.
 

@@ -1,8 +1,9 @@
 """Baseline: what a user builds with apache-airflow-providers-http alone, mapped one task per prompt.
 
 Why it exists: the benchmarks compare our provider against the DAG a user would most plausibly write
-without it (issue 6, scenario 4). It deliberately does NOT import ``airflow_provider_imagen``; it talks to
-reAPI (or the emulator) through the ``reapi_http`` HTTP connection (host = base URL, password = API key).
+without it (scenario 4 of docs/benchmarks.md). It deliberately does NOT import
+``airflow_provider_imagen``; it talks to reAPI (or the emulator) through the ``reapi_http`` HTTP
+connection (host = base URL, password = API key).
 
 Shape (three mapped task instances per prompt, plus two):
   build_requests            one task: N JSON bodies from the run conf (this push is what trips

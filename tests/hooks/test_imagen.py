@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from importlib import resources
 from typing import Any
 
+import jsonschema
 import pytest
 from airflow.sdk import Connection
 
@@ -85,27 +87,31 @@ class TestHookAgainstTheEmulator:
 
 
 class TestProviderRegistration:
-    def test_connection_form_metadata(self) -> None:
+    def test_every_extra_the_form_offers_changes_the_client_settings(self) -> None:
         (conn_type,) = get_provider_info()["connection-types"]
-        assert conn_type["connection-type"] == "imagen"
-        behaviour = conn_type["ui-field-behaviour"]
-        assert behaviour["relabeling"] == {"host": "Base URL", "password": "API key"}
-        assert behaviour["placeholders"]["host"] == "https://reapi.ai"
-        assert {"schema", "login", "port"} <= set(behaviour["hidden-fields"])
-        assert set(conn_type["conn-fields"]) == {"timeout", "max_retries"}
+        plain = settings_from_connection(Connection(conn_id="c", conn_type="imagen", password="k"))
+        for name, field in conn_type["conn-fields"].items():
+            extra = json.dumps({name: field["schema"]["minimum"] + 5})
+            conn = Connection(conn_id="c", conn_type="imagen", password="k", extra=extra)
+            assert settings_from_connection(conn) != plain, f"the form's {name!r} is ignored by the hook"
 
     def test_provider_info_matches_airflows_schema(self) -> None:
-        import jsonschema
-        from airflow.providers_manager import _create_provider_info_schema_validator
-
-        _create_provider_info_schema_validator().validate(get_provider_info())
-        assert jsonschema
+        """The schema file Airflow ships and validates every provider's info against at discovery."""
+        schema = json.loads((resources.files("airflow") / "provider_info.schema.json").read_text())
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(get_provider_info())]
+        assert errors == []
+        # The checks reach the parts that matter: a config option of the wrong type is refused.
+        broken = get_provider_info()
+        broken["config"]["imagen"]["options"]["journal_root"]["type"] = 7
+        assert list(validator.iter_errors(broken))
 
     @pytest.mark.parametrize(
         ("command", "expected"),
         [
             (["providers", "list", "-o", "json"], "airflow-provider-imagen"),
             (["providers", "hooks", "-o", "json"], "airflow_provider_imagen.hooks.imagen.ImagenHook"),
+            (["config", "list", "--section", "imagen", "--include-examples"], "journal_root = s3://"),
         ],
     )
     def test_airflow_cli_lists_the_provider(self, command: list[str], expected: str) -> None:

@@ -89,7 +89,7 @@ def test_timeout_records_the_processing_task_and_the_retry_reattaches(
         journal_path=str(tmp_path / "j"),
     )
     entry = journal_for(tmp_path / "j", dr)["image"]
-    assert entry.timed_out_at is not None or entry.status == "completed"
+    assert entry.timed_out_at is not None  # the first try's timeout, kept whatever the retry found
     records = "".join(p.read_text() for p in (tmp_path / "j").rglob("*.jsonl"))
     assert '"e":"timeout"' in records and entry.task_id in records
     assert emulator.ledger()["submissions_by_prompt"] == {"a slow render": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from airflow_provider_imagen.api import ClientSettings, ImagenClient, ImageRequest
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule
+from airflow_provider_imagen.triggers import imagen as trigger_module
 from airflow_provider_imagen.triggers.imagen import ImagenTaskTrigger
 
 #: For the emulator's fast mode (renders 0.2 ± 0.1 s; ``[[slow]]`` x10).
@@ -97,30 +99,54 @@ class TestPolling:
         assert outcome.processing_ids == [ids[2]]
 
 
+class Watch:
+    """The trigger's poll loop with its clock and sleeps observed (both still real): when it slept, how
+    long, and when it last read the time, so deadline tests need no wall-clock bounds of their own."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sleeps: list[tuple[float, float]] = []  # (clock when it went to sleep, seconds asked)
+        self.last_reading = 0.0
+        real = trigger_module.apoll_tasks
+        monkeypatch.setattr(
+            trigger_module, "apoll_tasks", functools.partial(real, clock=self.clock, sleep=self.sleep)
+        )
+
+    def clock(self) -> float:
+        self.last_reading = time.time()
+        return self.last_reading
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append((time.time(), seconds))
+        await asyncio.sleep(seconds)
+
+
 class TestDeadline:
     async def test_deadline_already_passed_gives_timeout_after_one_look(
-        self, imagen_connection: str, emulator: Any, submitter: ImagenClient
+        self, imagen_connection: str, emulator: Any, submitter: ImagenClient, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         ids, times = submit(submitter, "[[slow]] one", "[[slow]] two")
         polls_before = emulator.ledger()["polls"]
-        started = time.monotonic()
+        watch = Watch(monkeypatch)
         events = await collect(make_trigger(ids, submitted_at=times, deadline_in=-5.0))
-        assert time.monotonic() - started < 1.0
+        assert watch.sleeps == []  # one look at each id, then the event: it never waited
         outcome = PollOutcome.from_event(events[0])
         assert outcome.status == "timeout" and outcome.processing_ids == ids
         assert outcome.message is not None and "2 task(s) still processing" in outcome.message
         assert emulator.ledger()["polls"] - polls_before == 2
 
     async def test_slow_tasks_time_out_listing_the_processing_ids(
-        self, imagen_connection: str, emulator: Any, submitter: ImagenClient
+        self, imagen_connection: str, emulator: Any, submitter: ImagenClient, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         ids, times = submit(submitter, "quick", "a [[slow]] render")
-        started = time.monotonic()
-        events = await collect(make_trigger(ids, submitted_at=times, deadline_in=0.6))
-        assert 0.4 < time.monotonic() - started < 2.0
+        watch = Watch(monkeypatch)
+        trigger = make_trigger(ids, submitted_at=times, deadline_in=0.6)
+        events = await collect(trigger)
         outcome = PollOutcome.from_event(events[0])
         assert outcome.status == "timeout"
         assert outcome.completed_ids == [ids[0]] and outcome.processing_ids == [ids[1]]
+        # It waited until the deadline, not less, and never went to sleep once the deadline had passed.
+        assert watch.last_reading >= trigger.deadline
+        assert watch.sleeps and all(asleep_at < trigger.deadline for asleep_at, _ in watch.sleeps)
 
 
 class TestRestartsAndTwins:
