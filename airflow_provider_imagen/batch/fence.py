@@ -136,7 +136,7 @@ def create_exclusive(path: ObjectStoragePath, data: bytes) -> None:
         path.write_bytes(data)
         return
     try:
-        with path.open("xb") as handle:
+        with path.fs.open(path.path, "xb") as handle:
             handle.write(data)
     except FileExistsError:
         raise

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, cast, get_args
 
 from airflow.sdk import ObjectStoragePath
 
@@ -220,9 +220,10 @@ class JournalEntry:
             if self._settle(attempt, REJECTED):
                 self.rejected_reason = record.get("reason")
                 self.rejected_at = record.get("ts")
-                self.rejected_kind = record.get("refusal") or _KIND_OF_ERROR.get(
+                kind = record.get("refusal") or _KIND_OF_ERROR.get(
                     (self.rejected_reason or "").split(":", 1)[0], "refused"
                 )
+                self.rejected_kind = cast(RefusalKind, kind if kind in REFUSAL_KINDS else "refused")
         elif kind == "ambiguous":
             if self._settle(attempt, AMBIGUOUS):
                 self.ambiguous_reason = record.get("reason")

@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import pyarrow as pa
 from airflow.sdk import ObjectStoragePath
@@ -214,7 +214,8 @@ def _column_values(table: Table, column: str) -> list[Any]:
 
 def _to_list(values: Any) -> list[Any]:
     """Return an Arrow column (``to_pylist``) or a pandas Series (``tolist``) as Python values."""
-    return values.to_pylist() if isinstance(values, pa.ChunkedArray) else values.tolist()
+    cells: list[Any] = values.to_pylist() if isinstance(values, pa.ChunkedArray) else values.tolist()
+    return cells
 
 
 def _fallback_sizes(sizes: Sequence[str] | None, default_size: str) -> list[str]:
@@ -251,9 +252,9 @@ def _check_prompt_id(value: object) -> tuple[str, str | None]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers too
         return str(int(value)), None
     if not isinstance(value, str):
-        rule = f"must be a string or an integer, not {type(value).__name__}"
-        return str(value), str(RequestValidationError("prompt_id", value, rule))
-    rule = None
+        wrong = f"must be a string or an integer, not {type(value).__name__}"
+        return str(value), str(RequestValidationError("prompt_id", value, wrong))
+    rule: str | None = None
     if not value.strip():
         rule = "must not be empty or only whitespace"
     elif len(value) > MAX_PROMPT_ID_CHARS:
@@ -289,7 +290,7 @@ def _row_sizes(cell: object, fallback: list[str]) -> list[tuple[str, str | None]
     return _checked_sizes([cell], indexed=False)
 
 
-def _is_array(value: object) -> bool:
+def _is_array(value: object) -> TypeGuard[Sequence[object]]:
     numpy = sys.modules.get("numpy")
     return numpy is not None and isinstance(value, numpy.ndarray)
 
@@ -297,7 +298,7 @@ def _is_array(value: object) -> bool:
 def _checked_sizes(values: Iterable[object], *, indexed: bool) -> list[tuple[str, str | None]]:
     out: dict[str, str | None] = {}
     for index, value in enumerate(values):
-        text = _escaped(value if isinstance(value, str) else str(value))
+        text = _escaped(value if isinstance(value, str) else str(value)) or ""
         if text in out:
             continue
         try:

@@ -161,7 +161,12 @@ def _q(value: str) -> str:
 
 @cache
 def _asset(name: str) -> str:
-    return resources.files("airflow_provider_imagen.ui").joinpath("static", name).read_text(encoding="utf-8")
+    return (
+        resources.files("airflow_provider_imagen.ui")
+        .joinpath("static")
+        .joinpath(name)
+        .read_text(encoding="utf-8")
+    )
 
 
 def _page(name: str, config: dict[str, Any]) -> HTMLResponse:

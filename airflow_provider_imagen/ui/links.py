@@ -13,7 +13,8 @@ from urllib.parse import quote, urlsplit
 from airflow.sdk import BaseOperatorLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import BaseOperator, TaskInstanceKey
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.types import TaskInstanceKey
 
 #: The plugin's FastAPI app is mounted here, under the API server's base URL.
 URL_PREFIX: Final = "/imagen"

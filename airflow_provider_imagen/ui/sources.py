@@ -134,23 +134,27 @@ def find_image_tasks(
 def classify(key: TaskKey, value: Any, rendered: Mapping[str, Any]) -> ImageTask | None:
     """Return what a task instance made, from its return value and rendered fields (``None``: no images)."""
     dag_id, run_id, task_id, map_index = key
-    base = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index}
+
+    def task(kind: str, **found: Any) -> ImageTask:
+        return ImageTask(
+            dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, kind=kind, **found
+        )
+
     if _is_batch_result(value):
-        return ImageTask(kind="batch", manifest_uri=value["manifest_uri"], **base)
+        return task("batch", manifest_uri=value["manifest_uri"])
     output = rendered.get("output_path")
     if "prompts" in rendered and isinstance(output, str) and output:
         from airflow_provider_imagen.batch.manifest import RunIdentity, manifest_path
 
         identity = RunIdentity(dag_id, run_id, task_id, map_index)
-        return ImageTask(kind="batch", manifest_uri=str(manifest_path(output, identity=identity)), **base)
+        return task("batch", manifest_uri=str(manifest_path(output, identity=identity)))
     if "prompt" in rendered and isinstance(value, Mapping) and value.get("image_uri"):
         prompt, size = rendered.get("prompt"), rendered.get("size")
-        return ImageTask(
-            kind="single",
+        return task(
+            "single",
             result=dict(value),
             prompt=prompt if isinstance(prompt, str) else None,
             size=size if isinstance(size, str) else None,
-            **base,
         )
     return None
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from airflow_provider_imagen.api.models import credits_to_usd
-from airflow_provider_imagen.batch.manifest import STATUSES
+from airflow_provider_imagen.batch.status import STATUSES
 from airflow_provider_imagen.ui.sources import NOT_SENT, WITH_IMAGE, ImageTask
 
 
@@ -50,7 +50,7 @@ def run_summary(rows: Iterable[Mapping[str, Any]], tasks: Iterable[ImageTask]) -
     }
 
 
-def spend_summary(runs: Iterable[tuple[ImageTask, list[Mapping[str, Any]]]]) -> dict[str, Any]:
+def spend_summary(runs: Iterable[tuple[ImageTask, Sequence[Mapping[str, Any]]]]) -> dict[str, Any]:
     """Return spend per day (of the run's start, UTC) and per DAG, over (task, its rows) pairs."""
     days: dict[str, dict[str, Any]] = defaultdict(_empty_day)
     dags: dict[str, dict[str, Any]] = defaultdict(_empty_dag)
