@@ -317,6 +317,9 @@ def read_manifest(path: ObjectStoragePath | str) -> pd.DataFrame:
 
     ``df.attrs["schema_version"]`` holds the version it was written with (``None`` if absent).
     """
+    from airflow_provider_imagen._extras import require_extra
+
+    require_extra("publish", feature="reading a manifest as a DataFrame")
     import pandas as pd  # only here: the batch operator writes manifests without pandas
 
     table = pq.ParquetFile(pa.BufferReader(read_bytes(as_path(path)))).read()
