@@ -17,9 +17,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntry
@@ -40,7 +41,9 @@ class WindowPlan:
     to_mirror: list[str] = field(default_factory=list)
     #: Specs to submit in this pass, in order.
     to_submit: list[ImageSpec] = field(default_factory=list)
-    #: Valid specs not yet submitted beyond this pass (waiting for window room or budget).
+    #: How many valid specs wait beyond this pass (for window room or budget).
+    waiting_count: int = 0
+    #: Those specs, in table order; filled only where a caller needs them all (the end of a run).
     waiting: list[ImageSpec] = field(default_factory=list)
     #: Keys with an unknown submit that stay unknown (no consent to pay again).
     unknown: list[str] = field(default_factory=list)
@@ -60,7 +63,7 @@ class WindowPlan:
     @property
     def finished(self) -> bool:
         """Return whether nothing is left to mirror, wait for, or submit."""
-        return not self.in_flight and not self.to_mirror and not self.to_submit and not self.waiting
+        return not self.in_flight and not self.to_mirror and not self.to_submit and not self.waiting_count
 
 
 def plan_window(
@@ -88,69 +91,257 @@ def plan_window(
     """
     plan = WindowPlan(total=len(specs))
     unsent: list[ImageSpec] = []
+    rules = _Rules(resubmit_unknown, retry_mirror_after, retry_rejected_before)
     for spec in specs:
-        if not spec.valid:
-            plan.done += 1
-            continue
         entry = entries.get(spec.key)
-        if entry is None:
+        category = rules.classify(spec, entry)
+        plan.committed += _charged(entry)
+        if category == UNSENT:
             unsent.append(spec)
-            continue
-        plan.committed += CREDITS_PER_IMAGE * entry.charged_submits
-        if not entry.matches(spec.digest):
-            # The request changed since it was paid for (an edited prompt): the old task's image is
-            # not this request's, so it is sent anew; what the old one cost stays committed.
-            unsent.append(spec)
-            continue
-        if entry.unknown_submit:
-            if resubmit_unknown:
-                unsent.append(spec)
-            else:
+        elif category == IN_FLIGHT:
+            plan.in_flight[spec.key] = entry.task_id  # type: ignore[union-attr,assignment]
+        elif category == TO_MIRROR:
+            plan.to_mirror.append(spec.key)
+        else:
+            plan.done += 1
+            if category == UNKNOWN:
                 plan.unknown.append(spec.key)
-                plan.done += 1
-            continue
+            elif category == REJECTED:
+                plan.rejected.append(spec.key)
+            elif category == MODERATED:
+                plan.moderated += 1
+            elif category == FAILED:
+                plan.failed += 1
+    return _fill(plan, unsent, len(unsent), max_in_flight, max_credits, stop_submitting)
+
+
+def _fill(
+    plan: WindowPlan,
+    unsent: list[ImageSpec],
+    unsent_count: int,
+    max_in_flight: int,
+    max_credits: int | None,
+    stop_submitting: bool,
+) -> WindowPlan:
+    """Take what fits (window room, budget) from the head of ``unsent``; the rest waits."""
+    if stop_submitting:
+        plan.waiting, plan.waiting_count = unsent, unsent_count
+        return plan
+    room = max(0, max_in_flight - len(plan.in_flight))
+    affordable = unsent_count
+    if max_credits is not None:
+        affordable = max(0, (max_credits - plan.committed) // CREDITS_PER_IMAGE)
+    take = min(room, affordable, unsent_count)
+    plan.to_submit = unsent[:take]
+    plan.waiting = unsent[take:]
+    plan.waiting_count = unsent_count - take
+    plan.budget_bound = bool(plan.waiting_count) and affordable <= room
+    return plan
+
+
+Category = Literal[
+    "invalid", "unsent", "in_flight", "to_mirror", "unknown", "rejected", "moderated", "failed", "done"
+]
+INVALID: Final = "invalid"
+#: Valid and to be sent (never sent, provably not created, a changed request, or resent by consent).
+UNSENT: Final = "unsent"
+IN_FLIGHT: Final = "in_flight"
+TO_MIRROR: Final = "to_mirror"
+#: An unknown submit that stays unknown (no consent to pay again).
+UNKNOWN: Final = "unknown"
+#: Refused by the API in this try: final until the next try.
+REJECTED: Final = "rejected"
+MODERATED: Final = "moderated"
+FAILED: Final = "failed"
+#: Ended otherwise (completed and mirrored, or given up on).
+DONE: Final = "done"
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The parameters of a try that decide a spec's category (constant for the whole try)."""
+
+    resubmit_unknown: bool
+    retry_mirror_after: float | None
+    retry_rejected_before: float | None
+
+    def classify(self, spec: ImageSpec, entry: JournalEntry | None) -> Category:
+        """Return where ``spec`` stands, from its journal entry alone."""
+        if not spec.valid:
+            return INVALID
+        if entry is None or not entry.matches(spec.digest):
+            # Nothing sent yet, or the request changed since it was paid for (an edited prompt): the
+            # old task's image is not this request's, so it is sent anew; its cost stays committed.
+            return UNSENT
+        if entry.unknown_submit:
+            return UNSENT if self.resubmit_unknown else UNKNOWN
         if entry.task_id is None:  # every submit so far was provably rejected
             if entry.rejected_kind in ("not_sent", "rate_limited"):
                 # Never sent (a stopped loop, a fenced older try), or refused only for now (a rate or
                 # concurrency limit): nothing was created, so it goes back with the rows to send.
-                unsent.append(spec)
-            elif (
-                retry_rejected_before is not None
+                return UNSENT
+            if (
+                self.retry_rejected_before is not None
                 and entry.rejected_at is not None
-                and entry.rejected_at >= retry_rejected_before
+                and entry.rejected_at >= self.retry_rejected_before
             ):
-                plan.rejected.append(spec.key)
-                plan.done += 1
-            else:
-                unsent.append(spec)
-            continue
+                return REJECTED
+            return UNSENT
         if entry.status not in ENDED_STATUSES:
-            plan.in_flight[spec.key] = entry.task_id
-            continue
+            return IN_FLIGHT
         if (
             entry.status == "completed"
             and entry.mirrored is None
-            and _mirror_again(entry, retry_mirror_after)
+            and _mirror_again(entry, self.retry_mirror_after)
         ):
-            plan.to_mirror.append(spec.key)
-            continue
-        plan.done += 1
+            return TO_MIRROR
         if entry.status == "failed" and entry.error_code == 80006:
-            plan.moderated += 1
-        elif entry.status in ("failed", "not_found"):
-            plan.failed += 1
-    if stop_submitting:
-        plan.waiting = unsent
+            return MODERATED
+        if entry.status in ("failed", "not_found"):
+            return FAILED
+        return DONE
+
+
+def _charged(entry: JournalEntry | None) -> int:
+    return CREDITS_PER_IMAGE * entry.charged_submits if entry is not None else 0
+
+
+class WindowIndex:
+    """The plan of one try, kept up to date as records fold in: a pass touches only what changed.
+
+    Why: a batch of 10^5 rows refilling its window on the worker runs thousands of passes in one
+    process; planning each from every row would cost O(rows) per pass. The index classifies every spec
+    once (O(rows), when a process starts), then each :meth:`touch` reclassifies only the keys a pass's
+    records changed, and :meth:`plan` reads the window, what to mirror and the head of the rows to send
+    in O(window). It answers exactly what :func:`plan_window` answers for the same journal.
+
+    :param specs: the try's specs, in table order.
+    :param entries: the journal, folded.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ImageSpec],
+        entries: Mapping[str, JournalEntry],
+        *,
+        resubmit_unknown: bool = False,
+        retry_mirror_after: float | None = None,
+        retry_rejected_before: float | None = None,
+    ) -> None:
+        self.specs = specs
+        self.position = {spec.key: i for i, spec in enumerate(specs)}
+        self._rules = _Rules(resubmit_unknown, retry_mirror_after, retry_rejected_before)
+        self._category: list[Category] = []
+        self._charge: list[int] = []
+        self.in_flight: dict[str, str] = {}
+        self._task_key: dict[str, str] = {}
+        self._sets: dict[str, set[int]] = {TO_MIRROR: set(), UNKNOWN: set(), REJECTED: set()}
+        self._counts: dict[str, int] = dict.fromkeys((INVALID, UNSENT, MODERATED, FAILED, DONE), 0)
+        self.committed = 0
+        #: Every spec before this index is not unsent, or sits in ``_returned``.
+        self._cursor = 0
+        self._returned: list[int] = []
+        #: Specs (re)classified since the index was built: the work passes cost (tests count it).
+        self.touched = 0
+        for i, spec in enumerate(specs):
+            entry = entries.get(spec.key)
+            category = self._rules.classify(spec, entry)
+            self._category.append(category)
+            self._charge.append(_charged(entry))
+            self._add(i, category, entry)
+
+    def task_key(self, task_id: str) -> str | None:
+        """Return the key whose current task is ``task_id``."""
+        return self._task_key.get(task_id)
+
+    def touch(self, keys: Iterable[str], entries: Mapping[str, JournalEntry]) -> None:
+        """Reclassify the specs of ``keys`` (records about them were just folded into ``entries``)."""
+        for key in set(keys):
+            i = self.position.get(key)
+            if i is None:
+                continue
+            self.touched += 1
+            entry = entries.get(key)
+            self._remove(i, self._category[i])
+            self.committed -= self._charge[i]
+            category = self._rules.classify(self.specs[i], entry)
+            self._category[i] = category
+            self._charge[i] = _charged(entry)
+            self._add(i, category, entry)
+            if category == UNSENT and i < self._cursor:
+                heapq.heappush(self._returned, i)
+
+    def plan(
+        self, *, max_in_flight: int, max_credits: int | None = None, stop_submitting: bool = False
+    ) -> WindowPlan:
+        """Return the plan :func:`plan_window` would, reading only the window and the rows to send next.
+
+        ``waiting_count`` counts the specs left to send; ``waiting`` stays empty (see :meth:`waiting`).
+        """
+        plan = WindowPlan(
+            total=len(self.specs),
+            in_flight=dict(self.in_flight),
+            to_mirror=[self.specs[i].key for i in sorted(self._sets[TO_MIRROR])],
+            unknown=[self.specs[i].key for i in sorted(self._sets[UNKNOWN])],
+            rejected=[self.specs[i].key for i in sorted(self._sets[REJECTED])],
+            committed=self.committed,
+            failed=self._counts[FAILED],
+            moderated=self._counts[MODERATED],
+        )
+        plan.done = (
+            self._counts[INVALID]
+            + self._counts[DONE]
+            + self._counts[FAILED]
+            + self._counts[MODERATED]
+            + len(plan.unknown)
+            + len(plan.rejected)
+        )
+        unsent_count = self._counts[UNSENT]
+        room = 0 if stop_submitting else max(0, max_in_flight - len(plan.in_flight))
+        _fill(plan, self._unsent(room), unsent_count, max_in_flight, max_credits, stop_submitting)
+        plan.waiting = []  # the head only was read: :meth:`waiting` lists them all, when needed
         return plan
-    room = max(0, max_in_flight - len(plan.in_flight))
-    affordable = len(unsent)
-    if max_credits is not None:
-        affordable = max(0, (max_credits - plan.committed) // CREDITS_PER_IMAGE)
-    take = min(room, affordable, len(unsent))
-    plan.to_submit = unsent[:take]
-    plan.waiting = unsent[take:]
-    plan.budget_bound = bool(plan.waiting) and affordable <= room
-    return plan
+
+    def waiting(self) -> list[ImageSpec]:
+        """Return every unsent spec, in table order (O(rows): for the end of a run)."""
+        return [spec for spec, category in zip(self.specs, self._category, strict=True) if category == UNSENT]
+
+    def _unsent(self, limit: int) -> list[ImageSpec]:
+        """Return up to ``limit`` unsent specs, in table order."""
+        if limit <= 0:
+            return []
+        while self._returned and self._category[self._returned[0]] != UNSENT:
+            heapq.heappop(self._returned)
+        head = [i for i in heapq.nsmallest(limit, self._returned) if self._category[i] == UNSENT]
+        order = self._category
+        while self._cursor < len(order) and order[self._cursor] != UNSENT:
+            self._cursor += 1
+        found: list[int] = []
+        j = self._cursor
+        while j < len(order) and len(head) + len(found) < limit:
+            if order[j] == UNSENT:
+                found.append(j)
+            j += 1
+        return [self.specs[i] for i in sorted(set(head + found))[:limit]]
+
+    def _add(self, i: int, category: Category, entry: JournalEntry | None) -> None:
+        self.committed += self._charge[i]
+        if entry is not None and entry.task_id:
+            self._task_key[entry.task_id] = self.specs[i].key
+        if category == IN_FLIGHT:
+            self.in_flight[self.specs[i].key] = entry.task_id  # type: ignore[union-attr,assignment]
+        elif category in self._sets:
+            self._sets[category].add(i)
+        else:
+            self._counts[category] += 1
+
+    def _remove(self, i: int, category: Category) -> None:
+        if category == IN_FLIGHT:
+            self.in_flight.pop(self.specs[i].key, None)
+        elif category in self._sets:
+            self._sets[category].discard(i)
+        else:
+            self._counts[category] -= 1
 
 
 def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:

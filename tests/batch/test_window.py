@@ -117,3 +117,134 @@ def test_check_balance_counts_each_credit_once() -> None:
     assert budget_with_balance(None, balance=1000, entries=entries) == 1092
     assert budget_with_balance(500, balance=1000, entries=entries) == 500
     assert budget_with_balance(5000, balance=1000, entries=entries) == 1092
+
+
+# -- the index: the same plan, touching only what changed -----------------------------------------------
+
+
+def _random_history(rng, spec, entries, now: float) -> None:
+    """Fold a random, plausible history for ``spec`` into ``entries`` (sometimes none at all)."""
+    from airflow_provider_imagen.batch.journal import JournalEntry, record
+
+    if not spec.valid or rng.random() < 0.25:
+        return
+    entry = entries.setdefault(spec.key, JournalEntry(spec.key))
+    attempt = f"a{rng.randrange(10**9)}"
+    digest = spec.digest if rng.random() < 0.9 else "an-older-request"
+    ts = now + rng.choice((-50.0, 50.0))
+    entry.apply(record("intent", spec.key, a=attempt, d=digest, ts=ts))
+    fate = rng.choice(("pending", "ambiguous", "rejected", "submitted", "submitted", "submitted"))
+    if fate == "ambiguous":
+        entry.apply(record("ambiguous", spec.key, a=attempt, reason="502"))
+    elif fate == "rejected":
+        kind = rng.choice(("not_sent", "rate_limited", "refused", "authentication"))
+        entry.apply(record("rejected", spec.key, a=attempt, refusal=kind, reason="x", ts=ts))
+    elif fate == "submitted":
+        task = f"t-{spec.key}"
+        entry.apply(record("submitted", spec.key, a=attempt, task_id=task, ts=ts))
+        end = rng.choice((None, "completed", "failed", "not_found"))
+        if end is not None:
+            code = rng.choice((80006, 60001)) if end == "failed" else None
+            entry.apply(record("terminal", spec.key, task_id=task, status=end, error_code=code))
+            if end == "completed":
+                how = rng.choice(("none", "mirrored", "failed", "final"))
+                if how == "mirrored":
+                    entry.apply(record("mirrored", spec.key, task_id=task, image={"uri": "x"}))
+                elif how != "none":
+                    entry.apply(
+                        record(
+                            "mirror_failed", spec.key, task_id=task, reason="r", final=how == "final", ts=ts
+                        )
+                    )
+
+
+def _same(index_plan, full) -> None:
+    assert [s.key for s in index_plan.to_submit] == [s.key for s in full.to_submit]
+    assert index_plan.waiting_count == full.waiting_count == len(full.waiting)
+    for name in ("in_flight", "to_mirror", "unknown", "rejected", "committed", "done", "total", "failed"):
+        assert getattr(index_plan, name) == getattr(full, name), name
+    assert (index_plan.moderated, index_plan.budget_bound) == (full.moderated, full.budget_bound)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_index_plans_exactly_what_plan_window_plans(seed: int) -> None:
+    """Random journals and random passes (records folded into random keys): after every touch, the
+    index's plan equals :func:`plan_window` over the whole table, at several windows and budgets."""
+    import random
+
+    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.specs import expand_specs as expand
+    from airflow_provider_imagen.batch.table import expand_specs  # noqa: F401 - the old path still works
+    from airflow_provider_imagen.batch.window import WindowIndex, plan_window
+
+    rng = random.Random(seed)
+    rows = [{"prompt_id": f"p{i}", "prompt": "" if rng.random() < 0.05 else f"lamp {i}"} for i in range(120)]
+    specs = expand(rows, sizes=["1:1", "16:9"])
+    now = 1_000_000.0
+    entries: dict = {}
+    for spec in specs:
+        _random_history(rng, spec, entries, now)
+    rules = dict(resubmit_unknown=bool(seed % 2), retry_mirror_after=now, retry_rejected_before=now)
+    index = WindowIndex(specs, entries, **rules)
+    for _step in range(25):
+        window, budget, stop = (
+            rng.choice((1, 5, 40, 500)),
+            rng.choice((None, 46 * 30, 46 * 200)),
+            rng.random() < 0.1,
+        )
+        full = plan_window(
+            specs, entries, max_in_flight=window, max_credits=budget, stop_submitting=stop, **rules
+        )
+        _same(index.plan(max_in_flight=window, max_credits=budget, stop_submitting=stop), full)
+        if stop:
+            assert [s.key for s in index.waiting()] == [s.key for s in full.waiting]
+        # A pass: send some of the planned rows, end or change some others.
+        touched = []
+        for spec in full.to_submit[: rng.randrange(0, 6)]:
+            entries.setdefault(spec.key, None)
+            entries.pop(spec.key)
+            _random_history(rng, spec, entries, now)
+            touched.append(spec.key)
+        for spec in rng.sample(list(specs), 5):
+            if spec.key in entries and rng.random() < 0.5:
+                entries[spec.key].apply(
+                    record("terminal", spec.key, task_id=entries[spec.key].task_id, status="completed")
+                )
+                touched.append(spec.key)
+        index.touch(touched, entries)
+
+
+@pytest.mark.parametrize("rows", [1_000, 20_000])
+def test_a_pass_touches_the_same_number_of_rows_at_any_table_size(rows: int) -> None:
+    """Ten passes of a window of 5: the index reclassifies only the specs those passes changed (and
+    reads only the head of the table to find the next ones), whether the table has 1,000 rows or
+    20,000."""
+    from airflow_provider_imagen.batch.journal import JournalEntry, record
+    from airflow_provider_imagen.batch.specs import expand_specs as expand
+    from airflow_provider_imagen.batch.window import WindowIndex
+
+    specs = expand([{"prompt_id": f"p{i}", "prompt": f"lamp {i}"} for i in range(rows)])
+    entries: dict = {}
+    index = WindowIndex(specs, entries)
+    built = index.touched
+    in_flight: list[str] = []
+    submitted = 0
+    for _pass in range(10):
+        plan = index.plan(max_in_flight=5)
+        assert len(plan.to_submit) + len(plan.in_flight) <= 5
+        submitted += len(plan.to_submit)
+        changed = []
+        for spec in plan.to_submit:
+            entry = entries.setdefault(spec.key, JournalEntry(spec.key))
+            entry.apply(record("intent", spec.key, a="a", d=spec.digest))
+            entry.apply(record("submitted", spec.key, a="a", task_id=f"t{spec.key}"))
+            changed.append(spec.key)
+        for key in in_flight:
+            entries[key].apply(record("terminal", key, task_id=f"t{key}", status="completed"))
+            entries[key].apply(record("mirrored", key, task_id=f"t{key}", image={"uri": "x"}))
+            changed.append(key)
+        in_flight = [s.key for s in plan.to_submit]
+        index.touch(changed, entries)
+    # Every other pass sends 5 and the next ends them: 25 sent, 25 ended, whatever the table's size.
+    assert (submitted, index.touched - built) == (25, 50)
+    assert index.plan(max_in_flight=5).waiting_count == rows - 25 - 5  # 5 more planned now
