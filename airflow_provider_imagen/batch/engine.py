@@ -42,7 +42,7 @@ from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
-from airflow_provider_imagen.batch.window import WindowPlan, linger_for, plan_window
+from airflow_provider_imagen.batch.window import WindowIndex, WindowPlan, linger_for
 from airflow_provider_imagen.polling import PollOutcome
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class BatchPass:
         clock: RunClock,
         answers: dict[str, Task] | None = None,
         entries: dict[str, JournalEntry] | None = None,
+        index: WindowIndex | None = None,
         stop: threading.Event | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -120,7 +121,8 @@ class BatchPass:
         self.now = now
         #: The journal folded; ``entries`` lets a caller that has just read it skip a second read.
         self.entries: dict[str, JournalEntry] = entries if entries is not None else journal.load()
-        self._by_key = {spec.key: spec for spec in specs}
+        #: The plan kept up to date across the passes of one process (built here once otherwise).
+        self.index = index if index is not None and entries is not None else self._new_index()
         self.schedule = settings.schedule
         #: Terminal answers seen on this worker (URLs included): mirroring needs no second GET for them.
         self.answers = answers if answers is not None else {}
@@ -166,6 +168,7 @@ class BatchPass:
             # Unknown submits may belong to an older try fenced off mid-chunk: it journals the ones it
             # never sent when it wakes. Read once more before giving them up, and send what it left.
             self.entries = self.journal.load()
+            self.index = self._new_index()
             plan = self._plan(stop is not None)
             if plan.to_submit:
                 stop = self._submit(plan.to_submit) or stop
@@ -174,7 +177,7 @@ class BatchPass:
         if plan.in_flight and now < self.clock.deadline:
             self._progress(plan)
             window = len(plan.in_flight)
-            refillable = bool(plan.waiting) and not plan.budget_bound and stop is None
+            refillable = bool(plan.waiting_count) and not plan.budget_bound and stop is None
             submitted_at = {t: self.entries[k].submitted_at for k, t in plan.in_flight.items()}
             linger = linger_for(
                 submitted_at,
@@ -213,16 +216,18 @@ class BatchPass:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _plan(self, stop_submitting: bool) -> WindowPlan:
-        return plan_window(
+    def _new_index(self) -> WindowIndex:
+        return WindowIndex(
             self.specs,
             self.entries,
-            max_in_flight=self.window,
-            max_credits=self.clock.budget,
             resubmit_unknown=self.settings.resubmit_unknown,
             retry_mirror_after=self.clock.started_at,
             retry_rejected_before=self.clock.started_at,
-            stop_submitting=stop_submitting,
+        )
+
+    def _plan(self, stop_submitting: bool) -> WindowPlan:
+        return self.index.plan(
+            max_in_flight=self.window, max_credits=self.clock.budget, stop_submitting=stop_submitting
         )
 
     @property
@@ -249,25 +254,14 @@ class BatchPass:
         """Return why no more may be submitted in this try, if anything forbids it."""
         if self.now() >= self.clock.deadline:
             return "deadline"
-        for entry in self.entries.values():
-            if (
-                entry.rejected_kind in ("insufficient_credits", "authentication")
-                and (entry.rejected_at or 0) >= self.clock.started_at
-            ):
-                return entry.rejected_kind  # type: ignore[return-value]
-        return None
+        return self.index.stopping
 
     def _sweep(self, now: float) -> None:
         """Poll every in-flight task that is overdue, in parallel; record those that ended."""
         overdue = [
-            (key, entry.task_id)
-            for key, entry in self.entries.items()
-            if entry.task_id
-            and entry.status is None
-            and not entry.unknown_submit
-            and key in self._by_key
-            and entry.matches(self._by_key[key].digest)
-            and (entry.submitted_at or now) + self.settings.expected_render <= now
+            (key, task_id)
+            for key, task_id in self.index.in_flight.items()
+            if (self.entries[key].submitted_at or now) + self.settings.expected_render <= now
         ]
         if not overdue:
             return
@@ -296,7 +290,7 @@ class BatchPass:
             self._write([r for r in pool.map(one, overdue) if r is not None])
 
     def _absorb(self, outcome: PollOutcome) -> None:
-        key_of = {e.task_id: k for k, e in self.entries.items() if e.task_id}
+        key_of = {t: k for t in outcome.tasks if (k := self.index.task_key(t)) is not None}
         ended = [
             (key_of[task_id], task_id, state)
             for task_id, state in outcome.tasks.items()
@@ -372,7 +366,7 @@ class BatchPass:
 
         def one(key: str) -> dict[str, Any] | None:
             entry = self.entries[key]
-            spec = self._by_key[key]
+            spec = self.specs[self.index.position[key]]
             name = image_file_name(spec.prompt_id, spec.size, spec.variation, entry.task_id)
             dest = self.images_root / name
             try:
@@ -481,11 +475,14 @@ class BatchPass:
             self._fold(records)
 
     def _fold(self, records: Iterable[Mapping[str, Any]]) -> None:
+        keys = []
         for rec in records:
             entry = self.entries.get(rec["k"])
             if entry is None:
                 entry = self.entries[rec["k"]] = JournalEntry(rec["k"])
             entry.apply(rec)
+            keys.append(rec["k"])
+        self.index.touch(keys, self.entries)
 
     def _progress(self, plan: WindowPlan, *, force: bool = False) -> None:
         now = self.now()
@@ -502,7 +499,9 @@ class BatchPass:
         eta = f"{left / rate:,.0f} s" if rate > 0 and left else ("0 s" if not left else "unknown")
         budget = f" of budget {self.clock.budget:,}" if self.clock.budget is not None else ""
         paid_now = CREDITS_PER_IMAGE * sum(
-            e.charged_since(self.clock.started_at) for k, e in self.entries.items() if k in self._by_key
+            e.charged_since(self.clock.started_at)
+            for k, e in self.entries.items()
+            if k in self.index.position
         )
         log.info(
             "Progress: %d/%d done, %d in flight (window %d), %d waiting, %d failed, %d moderated, "
@@ -511,7 +510,7 @@ class BatchPass:
             plan.total,
             len(plan.in_flight),
             self.window,
-            len(plan.waiting) + len(plan.to_submit),
+            plan.waiting_count + len(plan.to_submit),
             plan.failed,
             plan.moderated,
             len(plan.unknown),
@@ -530,7 +529,7 @@ class BatchPass:
         if plan.in_flight:  # the deadline passed with tasks still rendering
             self._write([record("timeout", k, task_id=t) for k, t in plan.in_flight.items()])
             finish.stopped = finish.stopped or "deadline"
-        for spec in plan.waiting:
+        for spec in self.index.waiting() if plan.waiting_count else ():
             if stop == "insufficient_credits":
                 finish.overrides[spec.key] = (SKIPPED_BUDGET, "the API reported insufficient credits")
             elif stop in ("authentication", "unreachable"):
@@ -553,7 +552,8 @@ class BatchPass:
         if stop in ("authentication", "unreachable"):
             finish.stopped = stop
         for key, entry in self.entries.items():
-            if key not in self._by_key or not entry.matches(self._by_key[key].digest):
+            i = self.index.position.get(key)
+            if i is None or not entry.matches(self.specs[i].digest):
                 continue
             if entry.expired:
                 finish.overrides[key] = (EXPIRED, entry.mirror_error or "image URL expired")

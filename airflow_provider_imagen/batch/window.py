@@ -243,6 +243,8 @@ class WindowIndex:
         self._returned: list[int] = []
         #: Specs (re)classified since the index was built: the work passes cost (tests count it).
         self.touched = 0
+        #: Why this try may send no more: the API refused the key or the account in this try.
+        self.stopping: Literal["authentication", "insufficient_credits"] | None = None
         for i, spec in enumerate(specs):
             entry = entries.get(spec.key)
             category = self._rules.classify(spec, entry)
@@ -326,6 +328,12 @@ class WindowIndex:
 
     def _add(self, i: int, category: Category, entry: JournalEntry | None) -> None:
         self.committed += self._charge[i]
+        if (
+            category == REJECTED
+            and entry is not None
+            and entry.rejected_kind in ("authentication", "insufficient_credits")
+        ):
+            self.stopping = entry.rejected_kind  # type: ignore[assignment]
         if entry is not None and entry.task_id:
             self._task_key[entry.task_id] = self.specs[i].key
         if category == IN_FLIGHT:

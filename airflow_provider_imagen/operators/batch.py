@@ -306,6 +306,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         entries: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
+        index = None  # the plan kept across the passes of this process (see WindowIndex)
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
         while True:
             batch = BatchPass(
@@ -317,6 +318,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 clock=clock,
                 answers=answers,
                 entries=entries,
+                index=index,
                 stop=stop_event(self),
             )
             step = batch.run(outcome, sweep=sweep)
@@ -325,6 +327,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             # After many writes it reads once, which compacts the segments: a long stream on an object
             # store would otherwise leave thousands for the final read.
             entries = batch.entries if journal.appended <= journal.compact_over else None
+            index = batch.index  # used only beside the entries it was built from
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step, clock)
             if self.deferrable and step.linger is None:
