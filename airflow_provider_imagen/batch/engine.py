@@ -37,7 +37,7 @@ from airflow_provider_imagen.api.errors import (
     TaskNotFoundError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
-from airflow_provider_imagen.batch.journal import TRY_KEY, Journal, JournalEntry, record
+from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
@@ -85,7 +85,7 @@ def budget_with_balance(max_credits: int | None, *, balance: int, entries: Mappi
     The budget is compared with everything this run's journal says may have been paid, earlier tries
     included; the balance read now already lacks that spend, so it is added back before capping.
     """
-    spent = CREDITS_PER_IMAGE * sum(e.charged_submits for key, e in entries.items() if key != TRY_KEY)
+    spent = CREDITS_PER_IMAGE * sum(e.charged_submits for e in entries.values())
     cap = spent + balance
     return cap if max_credits is None else min(max_credits, cap)
 

@@ -63,8 +63,8 @@ RECORD_KINDS: Final[tuple[str, ...]] = (
     "timeout",
     "try",
 )
-#: Key of the records that describe a try of the task instance, not a request (no request key has a
-#: ``/``: prompt ids with one are invalid).
+#: Key under which the records of a try's clock are stored (no request key has a ``/``: prompt ids with
+#: one are invalid). :meth:`Journal.load` returns them apart, in :attr:`Journal.tries`.
 TRY_KEY: Final = "/try"
 _SEGMENT_SUFFIX: Final = ".jsonl"
 #: Kind of a snapshot's first line: the names of the segments it holds.
@@ -139,9 +139,6 @@ class JournalEntry:
     replaced: list[dict[str, Any]] = field(default_factory=list)
     #: POSTs of earlier generations that may have been charged and not refunded.
     earlier_charged: int = 0
-    #: For :data:`TRY_KEY` only: each try's clock by its lease epoch, and the latest one.
-    clocks: dict[int, dict[str, Any]] = field(default_factory=dict)
-    clock: dict[str, Any] | None = None
 
     @property
     def task_id(self) -> str | None:
@@ -244,10 +241,6 @@ class JournalEntry:
                 self.mirror_failed_at = record.get("ts")
                 self.expired = bool(record.get("expired"))
                 self.mirror_final = self.expired or bool(record.get("final"))
-        elif kind == "try":
-            clock = {k: v for k, v in record.items() if k not in ("e", "k", "ts", "epoch")}
-            self.clocks[int(record.get("epoch") or 0)] = clock
-            self.clock = clock
         elif kind == "timeout" and record.get("task_id") == self.task_id:
             self.timed_out_at = record.get("ts")
 
@@ -314,6 +307,8 @@ class Journal:
         self._next_seq: int | None = None
         #: The try this object writes for; every paid POST checks it first (see :meth:`claim`).
         self.lease: Lease | None = None
+        #: Each try's clock (started_at, deadline, budget…) by its lease epoch, as of the last read.
+        self.tries: dict[int, dict[str, Any]] = {}
         self.path = (
             as_path(root) / path_part(dag_id) / path_part(run_id) / path_part(task_id) / f"map_{map_index}"
         )
@@ -332,6 +327,12 @@ class Journal:
 
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r})"
+
+    def record_try(self, clock: Mapping[str, Any]) -> None:
+        """Journal the clock of the try that holds the lease (a resumed pass reads it back)."""
+        rec = record("try", TRY_KEY, **clock)
+        self.append([rec])
+        self.tries[int(rec.get("epoch") or 0)] = _clock_of(rec)
 
     # -- the try that may pay -----------------------------------------------------------------------
 
@@ -376,8 +377,10 @@ class Journal:
                 continue
             live = _without_held(texts)
             entries: dict[str, JournalEntry] = {}
+            tries: dict[int, dict[str, Any]] = {}
             for segment, text in live:
-                _fold_text(entries, segment, text)
+                _fold_text(entries, tries, segment, text)
+            self.tries = tries
             self._next_seq = max(self._next_seq or 0, *(_seq(p.name) + 1 for p in segments), 1)
             if len(segments) > self.compact_over:
                 self._compact(live)
@@ -476,12 +479,21 @@ def _without_held(texts: list[tuple[ObjectStoragePath, str]]) -> list[tuple[Obje
     return [(segment, text) for segment, text in texts if segment.name not in held]
 
 
-def _fold_text(entries: dict[str, JournalEntry], segment: ObjectStoragePath, text: str) -> None:
+def _clock_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("e", "k", "ts", "epoch")}
+
+
+def _fold_text(
+    entries: dict[str, JournalEntry], tries: dict[int, dict[str, Any]], segment: ObjectStoragePath, text: str
+) -> None:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or (number == 1 and line.startswith('{"e":"' + HOLDS + '"')):
             continue
         try:
             record = json.loads(line)
+            if record["e"] == "try":
+                tries[int(record.get("epoch") or 0)] = _clock_of(record)
+                continue
             key = record["k"]
             entry = entries.get(key)
             if entry is None:

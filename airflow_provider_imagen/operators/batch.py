@@ -37,10 +37,8 @@ from airflow_provider_imagen.batch.engine import (
     patiently,
 )
 from airflow_provider_imagen.batch.journal import (
-    TRY_KEY,
     Journal,
     JournalEntry,
-    record,
     resolve_journal_root,
 )
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
@@ -246,9 +244,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             clock.budget = budget_with_balance(clock.budget, balance=balance, entries=entries)
         # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
         # ``dag.test()`` drops them when it runs the trigger in-line.
-        tried = [record("try", TRY_KEY, **clock.to_kwargs())]
-        journal.append(tried)
-        entries.setdefault(TRY_KEY, JournalEntry(TRY_KEY)).apply(tried[0])
+        journal.record_try(clock.to_kwargs())
         return self._run(context, journal, specs, clock, None, client=client, entries=entries)
 
     def execute_complete(
@@ -273,8 +269,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         journal = self._journal(context)
         lease = journal.resume(try_owner(context), epoch)
         entries = journal.load()  # read once: the first pass starts from it too
-        saved = entries.get(TRY_KEY)
-        clocks = saved.clocks if saved is not None else {}
+        clocks = journal.tries
         if lease.epoch not in clocks:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
         # The window adapts between passes; where Airflow kept the kwargs it goes on from where it was.
@@ -528,9 +523,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         balance = self._log_estimate(specs, clock, client)
         if balance is not None:
             # A retry whose earlier try paid must collect what it paid for, however low the balance now.
-            require_one_image(
-                balance, clock.budget, nothing_paid_yet=lambda: all(k == TRY_KEY for k in journal.load())
-            )
+            require_one_image(balance, clock.budget, nothing_paid_yet=lambda: not journal.load())
         return balance
 
     def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> int | None:
