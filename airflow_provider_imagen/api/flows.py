@@ -119,16 +119,25 @@ class BaseClient:
             raise ImageRefusedError(f"refusing to download {redact_url(url)}: not an http(s) URL")
         # No Authorization header: the key belongs to the API, not to whatever host serves images.
         call = Call("GET", url, {"User-Agent": self._user_agent}, stream=True)
-        response = yield from self._exchange(
-            call, retry=self.settings.retry.retry_safe_call, error=partial(download_error, url)
-        )
-        receiver = ImageReceiver(url, self.settings.max_image_bytes, sink)
-        # Both drivers answer a streamed call with an httpx.Response (the aiohttp sender wraps its body).
-        broken = yield Drain(cast(httpx.Response, response), receiver)
-        if isinstance(broken, httpx.TransportError):
+        policy = self.settings.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            response = yield from self._exchange(
+                call, retry=policy.retry_safe_call, error=partial(download_error, url)
+            )
+            receiver = ImageReceiver(url, self.settings.max_image_bytes, sink)
+            # Both drivers answer a streamed call with an httpx.Response (the aiohttp sender wraps its body).
+            broken = yield Drain(cast(httpx.Response, response), receiver)
+            if not isinstance(broken, httpx.TransportError):
+                return receiver.finish()
+            # A body that broke off is fetched again whole, under the same policy as any safe call; not
+            # into a caller's sink, which already holds part of it.
+            if sink is None and policy.retry_safe_call(attempt, broken):
+                yield policy.delay_for(attempt, None)
+                continue
             kind = type(broken).__name__
             raise DownloadError(f"download of {redact_url(url)} broke off: {kind}") from broken
-        return receiver.finish()
 
     # -- the one retry loop --------------------------------------------------------------------
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.api.client import ImagenClient
-from airflow_provider_imagen.api.errors import DownloadError, ImageExpiredError, ImageRefusedError
 from airflow_provider_imagen.batch.storage import write_whole
 
 log = logging.getLogger(__name__)
@@ -57,30 +55,15 @@ def image_file_name(prompt_id: str, size: str, variation: int = 0, task_id: str 
     return f"{slug}__{size.replace(':', 'x')}__v{variation}__{digest}{paid}.png"
 
 
-def mirror_image(
-    client: ImagenClient,
-    url: str,
-    dest: ObjectStoragePath,
-    *,
-    attempts: int = 3,
-    retry_delay: float = 1.0,
-) -> MirroredImage:
-    """Download ``url`` and write it to ``dest`` whole; retry broken downloads, never expired ones.
+def mirror_image(client: ImagenClient, url: str, dest: ObjectStoragePath) -> MirroredImage:
+    """Download ``url`` and write it to ``dest`` whole.
+
+    The client retries a broken download under its own policy; nothing here retries again.
 
     :raises ImageExpiredError: the URL is past its life; regenerating would be paid again, so we don't.
-    :raises DownloadError: the image could not be fetched or is not acceptable, after ``attempts``.
+    :raises DownloadError: the image could not be fetched or is not acceptable.
     """
-    for attempt in range(1, attempts + 1):
-        try:
-            image = client.download_image(url)
-            break
-        except (ImageExpiredError, ImageRefusedError):
-            raise  # asking again gives the same answer
-        except DownloadError as exc:
-            if attempt == attempts:
-                raise
-            log.warning("Download attempt %d/%d failed (%s); retrying", attempt, attempts, exc)
-            time.sleep(retry_delay * attempt)
+    image = client.download_image(url)
     assert image.content is not None
     write_whole(dest, image.content)
     return MirroredImage(

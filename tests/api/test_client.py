@@ -378,3 +378,62 @@ def test_an_ambiguous_submit_of_an_earlier_try_is_not_wrapped_twice() -> None:
     assert message.count("submit outcome unknown") == 1 and message.count("ReadTimeout") == 1, message
     assert "an earlier try sent this request but never learned its task id" in message
     assert "resubmit_unknown=True" in message and again.reason == first.reason
+
+
+class TestBrokenDownloads:
+    """A real loopback server that cuts the image off mid-body: the client fetches it again whole."""
+
+    @pytest.fixture
+    def flaky_image(self) -> Any:
+        import http.server
+        import io
+        import threading
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (1024, 1024), (200, 120, 40)).save(buffer, format="PNG")
+        png = buffer.getvalue()
+        served: list[int] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.append(1)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                if len(served) <= breaks:
+                    self.wfile.write(png[: len(png) // 3])  # and the connection closes: a body cut off
+                    self.close_connection = True
+                    return
+                self.wfile.write(png)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        breaks = 1
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/image.png", png, served
+        server.shutdown()
+        server.server_close()
+
+    async def test_a_body_cut_off_once_is_fetched_again_whole(self, client: Any, flaky_image: Any) -> None:
+        url, png, served = flaky_image
+        image = await client.download_image(url)
+        assert image.content == png and (image.width, image.height) == (1024, 1024)
+        assert len(served) == 2  # one broken answer, one whole
+
+    async def test_into_a_sink_a_cut_off_body_is_not_fetched_again(
+        self, client: Any, flaky_image: Any
+    ) -> None:
+        import io
+
+        from airflow_provider_imagen.api.errors import DownloadError
+
+        url, _, served = flaky_image
+        with pytest.raises(DownloadError, match="broke off"):
+            await client.download_image(url, io.BytesIO())  # part of it is in the sink already
+        assert len(served) == 1

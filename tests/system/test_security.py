@@ -119,9 +119,9 @@ def test_downloads_refuse_html_and_bodies_over_the_cap_and_write_nothing(
         html_url, image_url = (t.image_url for t in tasks)
         assert html_url and image_url
         with pytest.raises(DownloadError, match="text/html") as refused_html:
-            mirror_image(client, html_url, _path(tmp_path / "html.png"), attempts=1)
+            mirror_image(client, html_url, _path(tmp_path / "html.png"))
         with pytest.raises(DownloadError, match="1000") as refused_big:
-            mirror_image(capped, image_url, _path(tmp_path / "big.png"), attempts=1)
+            mirror_image(capped, image_url, _path(tmp_path / "big.png"))
         mirror_image(client, image_url, _path(tmp_path / "ok.png"))  # the same image, uncapped: fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]  # nothing half-written
     for error in (refused_html.value, refused_big.value):
