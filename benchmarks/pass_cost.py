@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from airflow_provider_imagen.batch.journal import JournalEntry, record
+from airflow_provider_imagen.batch.journal import JournalEntry, new_record
 from airflow_provider_imagen.batch.specs import expand_specs
 from airflow_provider_imagen.batch.window import WindowIndex, plan_window
 
@@ -38,14 +38,14 @@ def measure(rows: int, passes: int, window: int = 100) -> dict[str, float]:
         index_ms.append((time.process_time() - started) * 1000)
         changed = []
         for key in in_flight[:5]:  # five ends
-            entries[key].apply(record("terminal", key, task_id=f"t{key}", status="completed"))
-            entries[key].apply(record("mirrored", key, task_id=f"t{key}", image={"uri": "x"}))
+            entries[key].apply(new_record("terminal", key, task_id=f"t{key}", status="completed"))
+            entries[key].apply(new_record("mirrored", key, task_id=f"t{key}", image={"uri": "x"}))
             changed.append(key)
         in_flight = in_flight[5:]
         for spec in plan.to_submit[:10]:  # and their places refilled
             entry = entries.setdefault(spec.key, JournalEntry(spec.key))
-            entry.apply(record("intent", spec.key, a="a", d=spec.digest))
-            entry.apply(record("submitted", spec.key, a="a", task_id=f"t{spec.key}"))
+            entry.apply(new_record("intent", spec.key, a="a", d=spec.digest))
+            entry.apply(new_record("submitted", spec.key, a="a", task_id=f"t{spec.key}"))
             changed.append(spec.key)
             in_flight.append(spec.key)
         started = time.process_time()

@@ -37,7 +37,7 @@ from airflow_provider_imagen.api.errors import (
     TaskNotFoundError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
-from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record
+from airflow_provider_imagen.batch.journal import Journal, JournalEntry, new_record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
@@ -271,13 +271,13 @@ class BatchPass:
             try:
                 task = self.client.get_task(task_id)
             except TaskNotFoundError as exc:
-                return record("terminal", key, task_id=task_id, status="not_found", error_code=exc.code)
+                return new_record("terminal", key, task_id=task_id, status="not_found", error_code=exc.code)
             except (ImagenTransportError, ServerError, RateLimitedError):
                 return None  # the next poller will ask again
             if not task.is_terminal:
                 return None
             self.answers[task_id] = task
-            return record(
+            return new_record(
                 "terminal",
                 key,
                 task_id=task_id,
@@ -304,7 +304,7 @@ class BatchPass:
             message = None
             if state.status == "failed":
                 message = self._failure_message(task_id)
-            return record(
+            return new_record(
                 "terminal",
                 key,
                 task_id=task_id,
@@ -321,7 +321,7 @@ class BatchPass:
             records = [one(item) for item in ended]
         if outcome.status == "timeout" and self.now() >= self.clock.deadline:
             records += [
-                record("timeout", key_of[t], task_id=t) for t in outcome.processing_ids if t in key_of
+                new_record("timeout", key_of[t], task_id=t) for t in outcome.processing_ids if t in key_of
             ]
         self._write(records)
 
@@ -380,19 +380,21 @@ class BatchPass:
                 limited[key] = exc.retry_after or self.settings.poll_interval
                 return None
             except ImageExpiredError as exc:
-                return record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
+                return new_record("mirror_failed", key, task_id=entry.task_id, reason=str(exc), expired=True)
             except ImageRefusedError as exc:  # paid, but not an image we accept: final, reported
                 reason = f"{type(exc).__name__}: {exc}"
-                return record("mirror_failed", key, task_id=entry.task_id, reason=reason, final=True)
+                return new_record("mirror_failed", key, task_id=entry.task_id, reason=reason, final=True)
             except Exception as exc:  # any storage library's error: the row stays paid and retriable
                 reason = f"{type(exc).__name__}: {exc}"
-                return record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
+                return new_record("mirror_failed", key, task_id=entry.task_id, reason=reason, expired=False)
             mismatch = (
                 pixel_size_mismatch(spec.size, image.width, image.height)
                 if self.settings.check_pixel_size
                 else None
             )
-            return record("mirrored", key, task_id=entry.task_id, image=image.to_dict(), mismatch=mismatch)
+            return new_record(
+                "mirrored", key, task_id=entry.task_id, image=image.to_dict(), mismatch=mismatch
+            )
 
         with ThreadPoolExecutor(max_workers=self.settings.mirror_concurrency) as pool:
             records = [r for r in pool.map(one, keys) if r is not None]
@@ -527,7 +529,7 @@ class BatchPass:
         self._progress(plan, force=True)
         finish = Finish(stopped=stop)
         if plan.in_flight:  # the deadline passed with tasks still rendering
-            self._write([record("timeout", k, task_id=t) for k, t in plan.in_flight.items()])
+            self._write([new_record("timeout", k, task_id=t) for k, t in plan.in_flight.items()])
             finish.stopped = finish.stopped or "deadline"
         for spec in self.index.waiting() if plan.waiting_count else ():
             if stop == "insufficient_credits":

@@ -36,6 +36,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast, get_args
@@ -146,12 +147,9 @@ class JournalEntry:
         return self.task_ids[-1] if self.task_ids else None
 
     @property
-    def pending_intent(self) -> bool:
+    def unknown_submit(self) -> bool:
         """Return whether a POST may have been paid for without our knowing its task id."""
         return not self.task_ids and any(o in (PENDING, AMBIGUOUS) for o in self.attempts.values())
-
-    #: The state's name in the manifest and the docs.
-    unknown_submit = pending_intent
 
     @property
     def ambiguous_count(self) -> int:
@@ -330,7 +328,7 @@ class Journal:
 
     def record_try(self, clock: Mapping[str, Any]) -> None:
         """Journal the clock of the try that holds the lease (a resumed pass reads it back)."""
-        rec = record("try", TRY_KEY, **clock)
+        rec = new_record("try", TRY_KEY, **clock)
         self.append([rec])
         self.tries[int(rec.get("epoch") or 0)] = _clock_of(rec)
 
@@ -444,9 +442,20 @@ class Journal:
         self.appended += 1
 
 
-def record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:
+def new_record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:
     """Return one journal record of ``kind`` for request ``key``, stamped with the wall-clock time."""
     return {"e": kind, "k": key, "ts": time.time(), **fields}
+
+
+def record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:
+    """Return :func:`new_record` (the old name: ``record`` reads like a verb and hides local names).
+
+    .. deprecated:: 0.2.0 use :func:`new_record`.
+    """
+    warnings.warn(
+        "journal.record() is deprecated: use journal.new_record()", DeprecationWarning, stacklevel=2
+    )
+    return new_record(kind, key, **fields)
 
 
 def _seq(name: str) -> int:

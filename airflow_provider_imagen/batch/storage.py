@@ -38,6 +38,10 @@ def _attach_local_disk() -> None:
     The first file system lookup of a process imports every installed provider's file systems (with
     the Amazon provider: boto3 and its friends, ~0.4 s), even for a local path; each batch pass is a
     new process. Attaching the same built-in ``LocalFileSystem`` Airflow would pick skips that.
+
+    Why not leave it to the library: its lookup has no way to ask for one protocol without the others.
+    The process's other code is unaffected: ``attach`` keeps a file system attached earlier under the
+    same name, and the one attached here is the one Airflow would have chosen for ``file://`` anyway.
     """
     from airflow.sdk.io import attach
     from fsspec.implementations.local import LocalFileSystem

@@ -36,7 +36,7 @@ from airflow_provider_imagen.api.errors import (
 )
 from airflow_provider_imagen.api.models import ImageRequest
 from airflow_provider_imagen.batch.fence import FencedError
-from airflow_provider_imagen.batch.journal import Journal, RefusalKind, record
+from airflow_provider_imagen.batch.journal import Journal, RefusalKind, new_record
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def submit_chunk(
         return report
     ids = {key: uuid.uuid4().hex[:12] for key in requests}
     intents = [
-        record("intent", key, a=ids[key], d=(digests or {}).get(key) or request.digest())
+        new_record("intent", key, a=ids[key], d=(digests or {}).get(key) or request.digest())
         for key, request in requests.items()
     ]
     journal.append(intents)
@@ -159,10 +159,10 @@ def submit_chunk(
         for key in unsent:
             report.rejected.setdefault(key, NotSentError("not sent: the submit loop stopped first"))
         outcomes = (
-            [record("submitted", key, a=ids[key], task_id=tid) for key, tid in report.submitted.items()]
-            + [record("ambiguous", key, a=ids[key], reason=why) for key, why in report.ambiguous.items()]
+            [new_record("submitted", key, a=ids[key], task_id=tid) for key, tid in report.submitted.items()]
+            + [new_record("ambiguous", key, a=ids[key], reason=why) for key, why in report.ambiguous.items()]
             + [
-                record(
+                new_record(
                     "rejected",
                     key,
                     a=ids[key],

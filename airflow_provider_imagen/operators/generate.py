@@ -34,7 +34,7 @@ from airflow_provider_imagen.api.models import (
     pixel_size_mismatch,
 )
 from airflow_provider_imagen.batch.engine import StopRequestedError, patiently
-from airflow_provider_imagen.batch.journal import Journal, JournalEntry, record, resolve_journal_root
+from airflow_provider_imagen.batch.journal import Journal, JournalEntry, new_record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
 from airflow_provider_imagen.batch.storage import as_path
@@ -273,7 +273,7 @@ class ImagenGenerateOperator(BaseOperator):
     ) -> dict[str, Any]:
         (task_id,) = outcome.tasks
         if outcome.status == "timeout":
-            journal.append([record("timeout", IMAGE_KEY, task_id=task_id)])
+            journal.append([new_record("timeout", IMAGE_KEY, task_id=task_id)])
             raise TaskTimeoutError([task_id], deadline if deadline is not None else time.time())
         if outcome.status == "error":
             raise ImagenError(f"polling task {task_id} failed: {outcome.message}")
@@ -288,7 +288,7 @@ class ImagenGenerateOperator(BaseOperator):
         if task.status == "failed":
             journal.append(
                 [
-                    record(
+                    new_record(
                         "terminal",
                         IMAGE_KEY,
                         task_id=task.id,
@@ -301,7 +301,7 @@ class ImagenGenerateOperator(BaseOperator):
             raise task_failure(task.id, task.error_code, task.error_message)
         if not task.image_url:
             raise ImagenError(f"task {task.id} is completed but its answer carries no image URL")
-        records = [record("terminal", IMAGE_KEY, task_id=task.id, status="completed")]
+        records = [new_record("terminal", IMAGE_KEY, task_id=task.id, status="completed")]
         mismatch = None
         if self.output_path:
             dest = self._destination(context, task.id)
@@ -312,7 +312,7 @@ class ImagenGenerateOperator(BaseOperator):
             if self.check_pixel_size:
                 mismatch = pixel_size_mismatch(self.size, image.width, image.height)
             records.append(
-                record("mirrored", IMAGE_KEY, task_id=task.id, image=image.to_dict(), mismatch=mismatch)
+                new_record("mirrored", IMAGE_KEY, task_id=task.id, image=image.to_dict(), mismatch=mismatch)
             )
         journal.append(records)
         if mismatch:

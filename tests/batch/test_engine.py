@@ -95,7 +95,7 @@ def test_a_429_while_mirroring_is_waited_out_not_a_failed_row(emulator: Any, tmp
     every image is still mirrored in the pass, after the API's ``Retry-After``, and none is recorded as
     a failed mirror (which would fail the try)."""
     from airflow_provider_imagen.api.retry import RetryPolicy
-    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.journal import new_record
 
     specs = expand_specs([{"prompt_id": f"r{i}", "prompt": f"rate limited lamp {i}"} for i in range(4)])
     journal = Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r")
@@ -104,15 +104,15 @@ def test_a_429_while_mirroring_is_waited_out_not_a_failed_row(emulator: Any, tmp
     for spec, tid in zip(specs, ids, strict=True):
         journal.append(
             [
-                record("intent", spec.key, a="a", d=spec.digest),
-                record("submitted", spec.key, a="a", task_id=tid),
+                new_record("intent", spec.key, a="a", d=spec.digest),
+                new_record("submitted", spec.key, a="a", task_id=tid),
             ]
         )
     deadline = time.time() + 30
     while emulator.ledger()["status_counts"]["completed"] < 4 and time.time() < deadline:
         time.sleep(0.1)
     for spec, tid in zip(specs, ids, strict=True):
-        journal.append([record("terminal", spec.key, task_id=tid, status="completed")])
+        journal.append([new_record("terminal", spec.key, task_id=tid, status="completed")])
     emulator.configure(rate_limit_rps=1, rate_limit_burst=1)
     impatient = RetryPolicy(max_attempts=1)
     settings = ClientSettings(api_key=emulator.api_key, base_url=emulator.base_url, retry=impatient)

@@ -419,7 +419,7 @@ def test_a_batch_pass_reads_and_writes_without_pandas_or_the_provider_discovery(
     pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "size": ["1:1", "16:9"]}), source)
     script = f"""
 import sys
-from airflow_provider_imagen.batch.journal import Journal, record
+from airflow_provider_imagen.batch.journal import Journal, new_record
 from airflow_provider_imagen.batch.manifest import write_manifest
 from airflow_provider_imagen.batch.storage import as_path, write_whole
 from airflow_provider_imagen.batch.table import load_prompt_table
@@ -427,7 +427,7 @@ from airflow_provider_imagen.batch.specs import expand_specs
 specs = expand_specs(load_prompt_table("file://{source}"))
 assert [s.key for s in specs] == ["a|1:1|v0", "b|16:9|v0"], specs
 journal = Journal("{tmp_path}/journal", dag_id="d", task_id="t", run_id="r")
-journal.append([record("intent", specs[0].key, attempt=0)])
+journal.append([new_record("intent", specs[0].key, attempt=0)])
 assert specs[0].key in journal.load()
 write_whole(as_path("{tmp_path}/images/a.png"), b"png")
 print(sorted(m for m in ("pandas", "boto3", "pyarrow.dataset") if m in sys.modules), flush=True)

@@ -58,7 +58,7 @@ def folded(*records: dict) -> dict:
 
 
 def test_a_changed_prompt_is_planned_anew_and_its_old_charge_stays_committed() -> None:
-    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.journal import new_record
     from airflow_provider_imagen.batch.specs import expand_specs
     from airflow_provider_imagen.batch.window import plan_window
 
@@ -66,10 +66,10 @@ def test_a_changed_prompt_is_planned_anew_and_its_old_charge_stays_committed() -
     new = expand_specs([{"prompt_id": "p1", "prompt": "a green vase"}])[0]
     assert old.key == new.key and old.digest != new.digest
     entries = folded(
-        record("intent", old.key, a="a1", d=old.digest),
-        record("submitted", old.key, a="a1", task_id="t1"),
-        record("terminal", old.key, task_id="t1", status="completed"),
-        record("mirrored", old.key, task_id="t1", image={"uri": "/x.png"}),
+        new_record("intent", old.key, a="a1", d=old.digest),
+        new_record("submitted", old.key, a="a1", task_id="t1"),
+        new_record("terminal", old.key, task_id="t1", status="completed"),
+        new_record("mirrored", old.key, task_id="t1", image={"uri": "/x.png"}),
     )
     same = plan_window([old], entries, max_in_flight=10)
     assert same.to_submit == [] and same.done == 1 and same.committed == 46
@@ -83,18 +83,18 @@ def test_a_changed_prompt_is_planned_anew_and_its_old_charge_stays_committed() -
 def test_every_post_that_may_have_been_paid_counts_against_the_budget() -> None:
     """Row a: crashed mid-submit, then resent with ``resubmit_unknown`` (2 POSTs may be paid); row b:
     an ambiguous 502. With a budget of 4 images, one more row fits, not two."""
-    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.journal import new_record
     from airflow_provider_imagen.batch.specs import expand_specs
     from airflow_provider_imagen.batch.window import plan_window
 
     specs = expand_specs([{"prompt_id": p, "prompt": f"item {p}"} for p in "abcd"])
     a, b = specs[0].key, specs[1].key
     entries = folded(
-        record("intent", a, a="a1", d=specs[0].digest),
-        record("intent", a, a="a2", d=specs[0].digest),
-        record("submitted", a, a="a2", task_id="t-a"),
-        record("intent", b, a="b1", d=specs[1].digest),
-        record("ambiguous", b, a="b1", reason="502"),
+        new_record("intent", a, a="a1", d=specs[0].digest),
+        new_record("intent", a, a="a2", d=specs[0].digest),
+        new_record("submitted", a, a="a2", task_id="t-a"),
+        new_record("intent", b, a="b1", d=specs[1].digest),
+        new_record("ambiguous", b, a="b1", reason="502"),
     )
     plan = plan_window(specs, entries, max_in_flight=10, max_credits=4 * 46, resubmit_unknown=True)
     assert plan.committed == 3 * 46
@@ -106,13 +106,13 @@ def test_check_balance_counts_each_credit_once() -> None:
     """An earlier try paid for 2 images (92 credits, already gone from the balance of 1,000): the run
     may spend 1,092 in all, not 1,000 more and not 1,000 - 92."""
     from airflow_provider_imagen.batch.engine import budget_with_balance
-    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.journal import new_record
 
     entries = folded(
-        record("intent", "a|1:1|v0", a="1"),
-        record("submitted", "a|1:1|v0", a="1", task_id="t1"),
-        record("intent", "b|1:1|v0", a="2"),  # a crash: maybe paid
-        record("try", "/try", started_at=0, deadline=1, budget=None),
+        new_record("intent", "a|1:1|v0", a="1"),
+        new_record("submitted", "a|1:1|v0", a="1", task_id="t1"),
+        new_record("intent", "b|1:1|v0", a="2"),  # a crash: maybe paid
+        new_record("try", "/try", started_at=0, deadline=1, budget=None),
     )
     assert budget_with_balance(None, balance=1000, entries=entries) == 1092
     assert budget_with_balance(500, balance=1000, entries=entries) == 500
@@ -124,7 +124,7 @@ def test_check_balance_counts_each_credit_once() -> None:
 
 def _random_history(rng, spec, entries, now: float) -> None:
     """Fold a random, plausible history for ``spec`` into ``entries`` (sometimes none at all)."""
-    from airflow_provider_imagen.batch.journal import JournalEntry, record
+    from airflow_provider_imagen.batch.journal import JournalEntry, new_record
 
     if not spec.valid or rng.random() < 0.25:
         return
@@ -132,27 +132,27 @@ def _random_history(rng, spec, entries, now: float) -> None:
     attempt = f"a{rng.randrange(10**9)}"
     digest = spec.digest if rng.random() < 0.9 else "an-older-request"
     ts = now + rng.choice((-50.0, 50.0))
-    entry.apply(record("intent", spec.key, a=attempt, d=digest, ts=ts))
+    entry.apply(new_record("intent", spec.key, a=attempt, d=digest, ts=ts))
     fate = rng.choice(("pending", "ambiguous", "rejected", "submitted", "submitted", "submitted"))
     if fate == "ambiguous":
-        entry.apply(record("ambiguous", spec.key, a=attempt, reason="502"))
+        entry.apply(new_record("ambiguous", spec.key, a=attempt, reason="502"))
     elif fate == "rejected":
         kind = rng.choice(("not_sent", "rate_limited", "refused", "authentication"))
-        entry.apply(record("rejected", spec.key, a=attempt, refusal=kind, reason="x", ts=ts))
+        entry.apply(new_record("rejected", spec.key, a=attempt, refusal=kind, reason="x", ts=ts))
     elif fate == "submitted":
         task = f"t-{spec.key}"
-        entry.apply(record("submitted", spec.key, a=attempt, task_id=task, ts=ts))
+        entry.apply(new_record("submitted", spec.key, a=attempt, task_id=task, ts=ts))
         end = rng.choice((None, "completed", "failed", "not_found"))
         if end is not None:
             code = rng.choice((80006, 60001)) if end == "failed" else None
-            entry.apply(record("terminal", spec.key, task_id=task, status=end, error_code=code))
+            entry.apply(new_record("terminal", spec.key, task_id=task, status=end, error_code=code))
             if end == "completed":
                 how = rng.choice(("none", "mirrored", "failed", "final"))
                 if how == "mirrored":
-                    entry.apply(record("mirrored", spec.key, task_id=task, image={"uri": "x"}))
+                    entry.apply(new_record("mirrored", spec.key, task_id=task, image={"uri": "x"}))
                 elif how != "none":
                     entry.apply(
-                        record(
+                        new_record(
                             "mirror_failed", spec.key, task_id=task, reason="r", final=how == "final", ts=ts
                         )
                     )
@@ -172,7 +172,7 @@ def test_the_index_plans_exactly_what_plan_window_plans(seed: int) -> None:
     index's plan equals :func:`plan_window` over the whole table, at several windows and budgets."""
     import random
 
-    from airflow_provider_imagen.batch.journal import record
+    from airflow_provider_imagen.batch.journal import new_record
     from airflow_provider_imagen.batch.specs import expand_specs as expand
     from airflow_provider_imagen.batch.table import expand_specs  # noqa: F401 - the old path still works
     from airflow_provider_imagen.batch.window import WindowIndex, plan_window
@@ -208,7 +208,7 @@ def test_the_index_plans_exactly_what_plan_window_plans(seed: int) -> None:
         for spec in rng.sample(list(specs), 5):
             if spec.key in entries and rng.random() < 0.5:
                 entries[spec.key].apply(
-                    record("terminal", spec.key, task_id=entries[spec.key].task_id, status="completed")
+                    new_record("terminal", spec.key, task_id=entries[spec.key].task_id, status="completed")
                 )
                 touched.append(spec.key)
         index.touch(touched, entries)
@@ -219,7 +219,7 @@ def test_a_pass_touches_the_same_number_of_rows_at_any_table_size(rows: int) -> 
     """Ten passes of a window of 5: the index reclassifies only the specs those passes changed (and
     reads only the head of the table to find the next ones), whether the table has 1,000 rows or
     20,000."""
-    from airflow_provider_imagen.batch.journal import JournalEntry, record
+    from airflow_provider_imagen.batch.journal import JournalEntry, new_record
     from airflow_provider_imagen.batch.specs import expand_specs as expand
     from airflow_provider_imagen.batch.window import WindowIndex
 
@@ -236,12 +236,12 @@ def test_a_pass_touches_the_same_number_of_rows_at_any_table_size(rows: int) -> 
         changed = []
         for spec in plan.to_submit:
             entry = entries.setdefault(spec.key, JournalEntry(spec.key))
-            entry.apply(record("intent", spec.key, a="a", d=spec.digest))
-            entry.apply(record("submitted", spec.key, a="a", task_id=f"t{spec.key}"))
+            entry.apply(new_record("intent", spec.key, a="a", d=spec.digest))
+            entry.apply(new_record("submitted", spec.key, a="a", task_id=f"t{spec.key}"))
             changed.append(spec.key)
         for key in in_flight:
-            entries[key].apply(record("terminal", key, task_id=f"t{key}", status="completed"))
-            entries[key].apply(record("mirrored", key, task_id=f"t{key}", image={"uri": "x"}))
+            entries[key].apply(new_record("terminal", key, task_id=f"t{key}", status="completed"))
+            entries[key].apply(new_record("mirrored", key, task_id=f"t{key}", image={"uri": "x"}))
             changed.append(key)
         in_flight = [s.key for s in plan.to_submit]
         index.touch(changed, entries)

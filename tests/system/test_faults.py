@@ -147,7 +147,7 @@ def test_a_transient_api_error_while_mirroring_does_not_end_the_run_with_unmirro
     from airflow_provider_imagen.api.errors import ImagenError
     from airflow_provider_imagen.api.retry import RetryPolicy
     from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
-    from airflow_provider_imagen.batch.journal import Journal, record
+    from airflow_provider_imagen.batch.journal import Journal, new_record
     from airflow_provider_imagen.batch.specs import expand_specs
 
     specs = expand_specs([{"prompt_id": f"t{i}", "prompt": f"transient {i}"} for i in range(3)])
@@ -159,12 +159,12 @@ def test_a_transient_api_error_while_mirroring_does_not_end_the_run_with_unmirro
         assert spec.request is not None
         task = client.submit(spec.request)
         records += [
-            record("intent", spec.key),
-            record("submitted", spec.key, task_id=task.id),
+            new_record("intent", spec.key),
+            new_record("submitted", spec.key, task_id=task.id),
         ]
     wait_until(lambda: emulator.ledger()["status_counts"]["completed"] == 3, 30, "renders")
     records += [
-        record("terminal", spec.key, task_id=rec["task_id"], status="completed")
+        new_record("terminal", spec.key, task_id=rec["task_id"], status="completed")
         for spec, rec in zip(specs, records[1::2], strict=True)
     ]
     journal.append(records)
@@ -420,7 +420,7 @@ def test_a_storage_error_while_mirroring_is_journalled_per_image(
     from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
     from airflow_provider_imagen.api.errors import ImagenError
     from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, RunClock
-    from airflow_provider_imagen.batch.journal import Journal, record
+    from airflow_provider_imagen.batch.journal import Journal, new_record
     from airflow_provider_imagen.batch.specs import expand_specs
     from tests.system.stack import free_port
 
@@ -439,10 +439,10 @@ def test_a_storage_error_while_mirroring_is_journalled_per_image(
     for spec in specs:
         assert spec.request is not None
         task = client.submit(spec.request)
-        records += [record("intent", spec.key), record("submitted", spec.key, task_id=task.id)]
+        records += [new_record("intent", spec.key), new_record("submitted", spec.key, task_id=task.id)]
     wait_until(lambda: emulator.ledger()["status_counts"]["completed"] == 3, 30, "renders")
     for spec, rec in zip(specs, records[1::2], strict=True):
-        records.append(record("terminal", spec.key, task_id=rec["task_id"], status="completed"))
+        records.append(new_record("terminal", spec.key, task_id=rec["task_id"], status="completed"))
     journal.append(records)
     now = time.time()
     step = BatchPass(
