@@ -5,21 +5,8 @@ Why: the batch operator turns one prompt table into images and one manifest, and
 ``plan`` before it, to send only what the index says is new or changed; ``publish`` after it, to fold
 the manifest into the index, and to show the run as a contact sheet and a gallery.
 
-Layout under one output root (:class:`OutputLayout`; a backfill uses one root per partition)::
-
-    <root>/images/…                                                  images (batch operator)
-    <root>/_journal/…                                                exactly-once journal (batch operator)
-    <root>/manifests/dag_id=<dag>/run_id=<run>/<task>.parquet        the run's manifest (batch operator)
-    <root>/manifests/dag_id=<dag>/run_id=<run>/_contact_sheet.png    publish, next to the manifest
-    <root>/manifests/dag_id=<dag>/run_id=<run>/_gallery.html         publish, next to the manifest
-    <root>/plans/dag_id=<dag>/run_id=<run>/to_generate.parquet       plan: what this run sends
-    <root>/plans/dag_id=<dag>/run_id=<run>/invalid.parquet           plan: rows never sent, and why
-    <root>/plans/dag_id=<dag>/run_id=<run>/plan.json                 plan: its numbers
-    <root>/index/index.parquet                                       the index (publish; plan recovers)
-    <root>/latest.json                                               the last run that published output
-
-Files beside a manifest start with ``_`` so that Parquet dataset readers (pyarrow, Spark, this
-provider's own table reader) skip them when they read ``manifests/`` as one dataset.
+Where the files live: :mod:`airflow_provider_imagen.publish.layout`; how a run is drawn:
+:mod:`airflow_provider_imagen.publish.render`.
 
 Invariants:
 - the index is updated only from manifests, and absorbing one is idempotent (see
@@ -33,16 +20,11 @@ Invariants:
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
-import hashlib
 import json
 import logging
-import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
-from urllib.parse import quote
+from typing import Any
 
 import pandas as pd
 from airflow.sdk import ObjectStoragePath
@@ -51,18 +33,15 @@ from airflow_provider_imagen.api.errors import ImagenInputError
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, MODEL, credits_to_usd
 from airflow_provider_imagen.batch.manifest import (
     MANIFEST_COLUMNS,
-    RunIdentity,
     manifest_counts,
     manifest_credits,
-    manifest_path,
     read_manifest,
     write_manifest,
 )
 from airflow_provider_imagen.batch.specs import summarize_invalid
-from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path, write_whole
+from airflow_provider_imagen.batch.storage import as_path, write_whole
 from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN
-from airflow_provider_imagen.publish.contact_sheet import Tile, contact_sheet_png, thumbnail
-from airflow_provider_imagen.publish.gallery import GalleryItem, InvalidRow, render_gallery
+from airflow_provider_imagen.publish.gallery import InvalidRow
 from airflow_provider_imagen.publish.index import (
     KEY_COLUMNS,
     IndexState,
@@ -72,144 +51,19 @@ from airflow_provider_imagen.publish.index import (
     write_index,
     write_plan_table,
 )
+from airflow_provider_imagen.publish.layout import (  # noqa: F401 - re-exported: where the DAGs import them
+    CONTACT_SHEET_NAME,
+    GALLERY_NAME,
+    SOURCES_NAME,
+    OutputLayout,
+    manifest_key,
+    manifest_version,
+    partition_layout,
+    run_manifests,
+)
+from airflow_provider_imagen.publish.render import THUMB, render_outputs
 
 log = logging.getLogger(__name__)
-
-CONTACT_SHEET_NAME: Final = "_contact_sheet.png"
-GALLERY_NAME: Final = "_gallery.html"
-#: Beside a partition's manifest: the run manifests it was merged from (also its "done" marker).
-SOURCES_NAME: Final = "_sources.json"
-#: Side of a thumbnail on the contact sheet, in pixels.
-THUMB: Final = 200
-#: Parallel image reads while drawing a contact sheet.
-READ_CONCURRENCY: Final = 8
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """Where plan, the batch operator and publish keep their files under one output root.
-
-    :ivar root: the output root, i.e. the batch operator's ``output_path``.
-    :ivar dag_id: the DAG the runs belong to (manifests are kept per DAG).
-    :ivar task_id: the batch operator's task id.
-    """
-
-    root: ObjectStoragePath
-    dag_id: str
-    task_id: str = "generate"
-
-    @classmethod
-    def at(cls, root: ObjectStoragePath | str, dag_id: str, task_id: str = "generate") -> OutputLayout:
-        """Return the layout under ``root`` (a path, URI or ``ObjectStoragePath``)."""
-        return cls(as_path(str(root).rstrip("/") if isinstance(root, str) else root), dag_id, task_id)
-
-    def manifest(self, run_id: str) -> ObjectStoragePath:
-        """Return where the batch operator writes the manifest of ``run_id``."""
-        return manifest_path(self.root, identity=RunIdentity(self.dag_id, run_id, self.task_id))
-
-    @property
-    def manifests(self) -> ObjectStoragePath:
-        """Return the folder holding one ``run_id=…`` folder per run of the DAG."""
-        return self.manifest("-").parent.parent
-
-    def plan_dir(self, run_id: str) -> ObjectStoragePath:
-        """Return the folder of the plan of ``run_id``."""
-        return (
-            self.root / "plans" / self.manifest(run_id).parent.parent.name / self.manifest(run_id).parent.name
-        )
-
-    @property
-    def index(self) -> ObjectStoragePath:
-        """Return the index file."""
-        return self.root / "index" / "index.parquet"
-
-    @property
-    def latest(self) -> ObjectStoragePath:
-        """Return the pointer to the last run that published output."""
-        return self.root / "latest.json"
-
-
-def partition_layout(
-    output_root: ObjectStoragePath | str, partition: str, dag_id: str, task_id: str = "generate"
-) -> tuple[OutputLayout, ObjectStoragePath]:
-    """Return a partition's own layout and the path of its published manifest.
-
-    ``partition`` is a ``key=value`` folder name (``ds=2026-01-01``). Each partition has its own root
-    (``<output_root>/partitions/<partition>``: images, journal, run manifests, index), so backfill runs
-    of different dates never write the same file; the published manifests are
-    ``<output_root>/manifests/<partition>/manifest.parquet``, one Hive-style dataset for readers.
-    """
-    key, sep, value = partition.partition("=")
-    if not sep or not key or not value:
-        raise ValueError(f"partition={partition!r}: expected a key=value folder name such as ds=2026-01-01")
-    name = f"{quote(key, safe='-_.')}={quote(value, safe='-_.')}"
-    if name.startswith((".", "_")):
-        raise ValueError(f"partition={partition!r}: must not start with '.' or '_'")
-    base = as_path(str(output_root).rstrip("/") if isinstance(output_root, str) else output_root)
-    return OutputLayout(
-        base / "partitions" / name, dag_id, task_id
-    ), base / "manifests" / name / "manifest.parquet"
-
-
-# -- the index, kept in step with the manifests ------------------------------------------------------
-
-
-def _manifest_key(path: ObjectStoragePath) -> str:
-    """Return a manifest's stable name in the index: ``dag_id=…/run_id=…/<task>.parquet``.
-
-    Relative on purpose: the same file listed by a glob or built from an identity may render its
-    protocol differently (``/x`` or ``file:///x``), but its last three parts are always the same.
-    """
-    return "/".join(path.parts[-3:])
-
-
-def run_manifests(layout: OutputLayout) -> list[ObjectStoragePath]:
-    """Return every run manifest of the layout's DAG and task, in name order."""
-    folder = layout.manifests
-    try:
-        if not folder.exists():
-            return []
-        found = list(folder.glob(f"run_id=*/{layout.manifest('-').name}"))
-    except FileNotFoundError:
-        return []
-    return sorted(found, key=_manifest_key)
-
-
-#: What :func:`manifest_version` takes from ``fs.info()``: the size, and the markers of a new object on
-#: S3 (``ETag``, ``VersionId``, ``LastModified``), GCS (``md5Hash``, ``generation``, ``updated``), Azure
-#: (``etag``, ``last_modified``) and file systems (``ino``, ``mtime``).
-_VERSION_FIELDS: Final = (
-    "size",
-    "ETag",
-    "VersionId",
-    "LastModified",
-    "md5Hash",
-    "generation",
-    "updated",
-    "etag",
-    "last_modified",
-    "ino",
-    "mtime",
-)
-
-
-def manifest_version(path: ObjectStoragePath) -> str:
-    """Return a short fingerprint of a manifest file's current content, from its store's metadata.
-
-    Why: a rerun that reuses a run id (a cleared task, a reprocessed backfill) rewrites that run's
-    manifest under the same name, so the list of names cannot tell whether anything changed. Every
-    manifest is written whole (a new file renamed over the old one, or one PUT), so the store's own
-    marker of a new object (an ETag or MD5 on S3/GCS, a generation, a new inode and mtime on a file
-    system) changes with every write; the size is part of it too. This reads metadata only, never the
-    files, so checking every run manifest costs one listing, not the manifests' bytes. A store that
-    reports none of these markers is hashed instead.
-    """
-    info = path.fs.info(path.path)
-    marks = {name: info[name] for name in _VERSION_FIELDS if info.get(name) not in (None, "")}
-    if set(marks) <= {"size"}:
-        marks["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    text = json.dumps({k: str(v) for k, v in marks.items()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def sync_index(layout: OutputLayout, *, model: str = MODEL) -> tuple[IndexState, list[str]]:
@@ -220,7 +74,7 @@ def sync_index(layout: OutputLayout, *, model: str = MODEL) -> tuple[IndexState,
     state = read_index(layout.index)
     absorbed: list[str] = []
     for path in run_manifests(layout):
-        key = _manifest_key(path)
+        key = manifest_key(path)
         version = manifest_version(path)
         if state.has_absorbed(key, version):
             continue
@@ -375,7 +229,7 @@ def publish_run(
     else:
         target = as_path(partition_manifest)
         paths = run_manifests(layout)
-        sources = {_manifest_key(p): manifest_version(p) for p in paths}
+        sources = {manifest_key(p): manifest_version(p) for p in paths}
         sidecar = target.parent / SOURCES_NAME
         if not sources:
             result["reason"] = "no run of this partition generated anything yet"
@@ -454,96 +308,22 @@ def merge_manifests(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return merged.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
 
 
-def render_outputs(
-    frame: pd.DataFrame,
-    folder: ObjectStoragePath,
-    *,
-    title: str,
-    subtitle: str,
-    invalid: Sequence[InvalidRow] = (),
-    thumb: int = THUMB,
-    manifest_uri: str | None = None,
-) -> tuple[str, str]:
-    """Draw the contact sheet and the gallery of a manifest into ``folder``; return their URIs."""
-    rows = frame.to_dict("records")
-    with concurrent.futures.ThreadPoolExecutor(READ_CONCURRENCY) as pool:
-        pictures = list(pool.map(lambda row: _load_thumbnail(row, thumb), rows))
-    tiles = [
-        Tile(
-            title=str(row["prompt_id"]),
-            size=str(row["size"]),
-            status=str(row["status"]),
-            image=picture,
-            note=_note(row),
-        )
-        for row, picture in zip(rows, pictures, strict=True)
-    ]
-    sheet = folder / CONTACT_SHEET_NAME
-    write_whole(sheet, contact_sheet_png(tiles, title=title, subtitle=subtitle, thumb=thumb))
-    items = [
-        GalleryItem(
-            prompt_id=str(row["prompt_id"]),
-            size=str(row["size"]),
-            status=str(row["status"]),
-            prompt=row.get("prompt") if isinstance(row.get("prompt"), str) else None,
-            href=_link(folder, row.get("image_uri")) if row["status"] == "completed" else None,
-            note=None if row["status"] == "completed" else _note(row),
-        )
-        for row in rows
-    ]
-    page = render_gallery(
-        items,
-        title=title,
-        summary=subtitle,
-        contact_sheet_href=CONTACT_SHEET_NAME,
-        manifest_href=_link(folder, manifest_uri),
-        invalid=invalid,
-    )
-    gallery = folder / GALLERY_NAME
-    write_whole(gallery, page.encode("utf-8"))
-    return str(sheet), str(gallery)
-
-
-# -- helpers -----------------------------------------------------------------------------------------
-
-
-def _load_thumbnail(row: Mapping[str, Any], side: int) -> Any:
-    uri = row.get("image_uri")
-    if row.get("status") != "completed" or not isinstance(uri, str) or not uri:
-        return None
+def _exists(path: ObjectStoragePath) -> bool:
     try:
-        return thumbnail(as_path(uri).read_bytes(), side)
-    except Exception as exc:  # a missing or broken file becomes a labelled tile, never a failed publish
-        log.warning("Cannot read %s for the contact sheet: %s", uri, exc)
-        return None
+        return path.exists()
+    except FileNotFoundError:
+        return False
 
 
-def _note(row: Mapping[str, Any]) -> str | None:
-    status = row.get("status")
-    if status == "completed":
-        return None
-    code = row.get("error_code")
-    code_text = f" ({int(code)})" if code is not None and not pd.isna(code) else ""
-    if status == "moderated":
-        return f"content policy{code_text}"
-    message = row.get("error_message")
-    if isinstance(message, str) and message:
-        return message[:80]
-    return code_text.strip(" ()") or None
+def _read_json(path: ObjectStoragePath) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
-def _link(folder: ObjectStoragePath, uri: Any) -> str | None:
-    """Return a link from a page in ``folder`` to ``uri``: relative when both live on the same store."""
-    if not isinstance(uri, str) or not uri:
-        return None
-    target = as_path(uri)
-    same_store = target.protocol == folder.protocol or (
-        target.protocol in LOCAL_PROTOCOLS and folder.protocol in LOCAL_PROTOCOLS
-    )
-    if same_store and getattr(target, "bucket", "") == getattr(folder, "bucket", ""):
-        relative = posixpath.relpath(target.path, folder.path)
-        return quote(relative, safe="/._-~")
-    return uri
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _invalid_rows(folder: ObjectStoragePath) -> list[InvalidRow]:
@@ -576,21 +356,3 @@ def _subtitle(counts: Mapping[str, int], credits: int, invalid: int) -> str:
     parts.append(f"{credits:,} credits (${credits_to_usd(credits):.2f})")
     parts.append(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     return " · ".join(parts)
-
-
-def _exists(path: ObjectStoragePath) -> bool:
-    try:
-        return path.exists()
-    except FileNotFoundError:
-        return False
-
-
-def _read_json(path: ObjectStoragePath) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
