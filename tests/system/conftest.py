@@ -132,6 +132,15 @@ def _shutdown() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+#: The test that stops the stack and proves nothing is left: it must run after every test that uses it.
+LAST_TEST = "test_the_stack_stops_and_leaves_no_process_behind"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
+    """Run the stack's own shutdown test last, whatever file names sort after its own."""
+    items.sort(key=lambda item: item.name == LAST_TEST)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the stack in the background as soon as the session is known to need it."""
     _state["load_at_start"] = os.getloadavg()
