@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo emulator bench constraints clean
+.PHONY: setup test test-fast test-distributed lint demo emulator bench constraints clean
 
 # Bytecode: uv does not compile it by default (pip does), and this machine sets PYTHONDONTWRITEBYTECODE,
 # so without it every Airflow process (task runners, CLI calls) compiles Airflow from source: ~2 s each.
@@ -24,7 +24,14 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed" $(PYTEST_ARGS)
+
+# The distributed suite alone (tests/distributed: CeleryExecutor over Redis, PostgreSQL, two workers, two
+# triggerers; ~15 min): installs the `distributed` extra; the tests install Debian's postgresql and
+# redis-server with apt-get when missing. Not part of `make test` (too long for it); CI runs both.
+test-distributed: setup
+	uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt -e '.[test,distributed]'
+	$(PY) -m pytest -q -p no:cacheprovider -m distributed -rA $(PYTEST_ARGS) tests/distributed
 
 demo: setup
 	$(PY) scripts/demo.py
