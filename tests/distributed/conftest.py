@@ -89,7 +89,7 @@ def _stop() -> None:
     stack.stop()
     _state["leftovers"] = [f"{p.pid} {p.name()}" for p in stack.leftovers()]
     root = _state.get("root")
-    if root is not None and not _state.get("keep"):
+    if root is not None and not _state.get("keep") and not os.environ.get("IMAGEN_DIST_KEEP"):
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,7 +50,8 @@ def report(name: str, **figures: Any) -> None:
 class StateSampler:
     """Every ``interval`` seconds, the state of the task instances of some DAGs; keeps the changes.
 
-    Its own connection to PostgreSQL (the tests' one is not shared between threads). ``changes`` holds
+    Its own connection to PostgreSQL (the tests' one is not shared between threads), or reads of a SQLite
+    file (``dsn="sqlite:<path>"``). ``changes`` holds
     ``(epoch seconds, dag_id, run_id, task_id, try_number, state, hostname)`` whenever one of the last
     four changed for a task instance.
     """
@@ -62,6 +64,7 @@ class StateSampler:
         #: The most backfill runs of these DAGs seen running at once.
         self.max_running_runs = 0
         self._last: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._conn: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="state-sampler", daemon=True)
 
@@ -73,41 +76,55 @@ class StateSampler:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _query(self) -> tuple[list[tuple[Any, ...]], int]:
+        """The task instances and the number of running backfill runs (PostgreSQL, or SQLite when the
+        DSN is ``sqlite:<path>``)."""
+        tis = (
+            "SELECT dag_id, run_id, task_id, try_number, state, hostname FROM task_instance "
+            f"WHERE dag_id IN ({', '.join(['?'] * len(self.dag_ids))})"
+        )
+        runs = (
+            "SELECT COUNT(*) FROM dag_run WHERE state = 'running' AND run_type = 'backfill' "
+            f"AND dag_id IN ({', '.join(['?'] * len(self.dag_ids))})"
+        )
+        if self.dsn.startswith("sqlite:"):
+            import sqlite3
+
+            path = self.dsn.removeprefix("sqlite:")
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+                return conn.execute(tis, self.dag_ids).fetchall(), conn.execute(
+                    runs, self.dag_ids
+                ).fetchone()[0]
         import psycopg2
 
-        conn = None
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg2.connect(self.dsn, connect_timeout=5)
+            self._conn.set_session(readonly=True, autocommit=True)
+        with self._conn.cursor() as cur:
+            cur.execute(tis.replace("?", "%s"), self.dag_ids)
+            rows = cur.fetchall()
+            cur.execute(runs.replace("?", "%s"), self.dag_ids)
+            return rows, cur.fetchone()[0]
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if conn is None or conn.closed:
-                    conn = psycopg2.connect(self.dsn, connect_timeout=5)
-                    conn.set_session(readonly=True, autocommit=True)
-                with conn.cursor() as cur:
-                    cur.execute(
-                        "SELECT dag_id, run_id, task_id, try_number, state, hostname FROM task_instance "
-                        "WHERE dag_id = ANY(%s)",
-                        (self.dag_ids,),
-                    )
-                    rows = cur.fetchall()
-                    cur.execute(
-                        "SELECT COUNT(*) FROM dag_run WHERE dag_id = ANY(%s) AND state = 'running' "
-                        "AND run_type = 'backfill'",
-                        (self.dag_ids,),
-                    )
-                    running = cur.fetchone()[0]
-                now = time.time()
-                self.max_running_runs = max(self.max_running_runs, running)
-                for dag_id, run_id, task_id, try_number, state, hostname in rows:
-                    key = (dag_id, run_id, task_id)
-                    value = (try_number, state, hostname)
-                    if self._last.get(key) != value:
-                        self._last[key] = value
-                        self.changes.append((now, dag_id, run_id, task_id, try_number, state, hostname))
-            except psycopg2.Error:
-                conn = None
+                rows, running = self._query()
+            except Exception:  # a busy or restarting database: sample again
+                self._conn = None
+                self._stop.wait(self.interval)
+                continue
+            now = time.time()
+            self.max_running_runs = max(self.max_running_runs, running)
+            for dag_id, run_id, task_id, try_number, state, hostname in rows:
+                key = (dag_id, run_id, task_id)
+                value = (try_number, state, hostname)
+                if self._last.get(key) != value:
+                    self._last[key] = value
+                    self.changes.append((now, dag_id, run_id, task_id, try_number, state, hostname))
             self._stop.wait(self.interval)
-        if conn is not None:
-            conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def first(self, state: str, task_id: str = "generate", after: float = 0.0) -> float | None:
         """When a task instance of ``task_id`` was first seen in ``state`` after ``after``."""

@@ -132,8 +132,9 @@ def test_backfill_of_the_example_dag_runs_on_both_workers_and_reruns_for_free(
     )
     generate = stack.sql(
         "SELECT run_id, try_number, hostname, state FROM task_instance "
-        "WHERE dag_id = ? AND task_id = 'generate'",
+        "WHERE dag_id = ? AND task_id = 'generate' AND run_id = ANY(?)",
         BACKFILL_DAG,
+        [r["run_id"] for r in runs],
     )
     run_manifests = read_parquets(s3, "bf/out/partitions/", suffix="/generate.parquet")
     manifest = pd.concat(list(run_manifests.values()), ignore_index=True)
@@ -244,7 +245,7 @@ def test_triggerer_killed_while_deferred_the_other_takes_over(
     stack: DistributedStack, s3_server: Any
 ) -> None:
     """Three batch tasks deferred (renders of ~25 s); SIGKILL a triggerer that runs at least one of their
-    triggers. Once its heartbeat is ``triggerer_health_check_threshold`` old (10 s here) the other
+    triggers. Once its heartbeat is ``triggerer_health_check_threshold`` old (15 s here) the other
     triggerer takes them over from their kwargs; no POST after the kill, every run completes."""
     s3 = s3_server.client()
     stack.emulator.reset(latency_mean=25.0, latency_jitter=1.0)
@@ -298,7 +299,7 @@ def test_triggerer_killed_while_deferred_the_other_takes_over(
     assert ledger["polls"] > polls_at_takeover  # the survivor polled them on
     assert ledger["net_credits"] == 3 * n * CREDITS_PER_IMAGE
     assert all(f["counts"] == {"completed": n} and f["images_on_s3"] == n for f in figures)
-    assert takeover_s < 60
+    assert 5 < takeover_s < 60  # the threshold, not a hop between healthy triggerers
 
 
 # -- 4. one trigger in both triggerers at once ---------------------------------------------------------
@@ -341,8 +342,9 @@ def test_one_trigger_in_both_triggerers_at_once_pays_nothing_and_resumes_once(
     frozen_log = stack.task_logs(dag, run_id)
     figures = check_run(stack, s3, "twice", "twice ")
     ti = stack.ti(dag, run_id)
+    frozen_part = frozen_log.split(f"===== {frozen}:", 1)[-1].split("\n===== ", 1)[0]
     lines_after = [
-        line[:160] for line in frozen_log.split(f"===== {frozen}:")[-1].splitlines()
+        line[:160] for line in frozen_part.splitlines()
         if line.startswith("{") and (json.loads(line).get("timestamp") or "") > time.strftime(
             "%Y-%m-%dT%H:%M:%S", time.gmtime(resumed_at))
     ] if f"===== {frozen}:" in frozen_log else []  # fmt: skip
@@ -360,6 +362,7 @@ def test_one_trigger_in_both_triggerers_at_once_pays_nothing_and_resumes_once(
     )
 
     assert psutil.Process(group).status() != psutil.STATUS_STOPPED
+    assert takeover_s > 5  # the threshold, not a hop between healthy triggerers
     assert state == "success" and ti["try_number"] == 1
     assert ledger["posts"] == ledger["tasks_created"] == n
     # execute, then exactly one resume: the second copy of the trigger did not bring the task back twice.
@@ -399,7 +402,12 @@ def test_redis_restarted_mid_run_the_runs_finish(stack: DistributedStack, s3_ser
         up_at = time.time()
         states = [stack.wait_run(dag, run_id, timeout=420) for run_id in run_ids]
     ends = {r: max(at for at, *_ in sampler.states(r)) for r in run_ids}
-    requeued = stack.components["scheduler"].log.read_text(errors="replace").count("stuck in queued")
+    scheduler_log = stack.components["scheduler"].log.read_text(errors="replace").splitlines()
+    requeued = sum("stuck in queued" in line for line in scheduler_log)
+    broker_errors = [line[:200] for line in scheduler_log if "Celery" in line and "rror" in line][:5]
+    history = stack.sql(
+        "SELECT run_id, try_number, state, hostname FROM task_instance_history WHERE dag_id = ?", dag
+    )
     ledger = stack.emulator.ledger()
     figures = [check_run(stack, s3, name, f"redis{i} ") for i, name in enumerate(names)]
     alive = {name: comp.alive() for name, comp in stack.components.items()}
@@ -410,6 +418,8 @@ def test_redis_restarted_mid_run_the_runs_finish(stack: DistributedStack, s3_ser
         states=states,
         finished_after_restart_s={r: round(ends[r] - up_at, 1) for r in run_ids},
         scheduler_stuck_in_queued_lines=requeued,
+        scheduler_celery_errors=broker_errors,
+        failed_tries=history,
         tries={r: stack.ti(dag, r)["try_number"] for r in run_ids},
         components_alive=alive,
         ledger=ledger_figures(ledger),
