@@ -84,7 +84,7 @@ def backfill(stack: DistributedStack, conf: dict[str, Any], *extra: str) -> int:
 
 
 def wait_backfill(stack: DistributedStack, backfill_id: int, timeout: float) -> list[dict[str, Any]]:
-    """Wait until every run of the backfill ended; return them (run_id, logical date, state)."""
+    """Wait until the backfill completed; return its runs (run_id, logical date, state)."""
 
     def ended() -> list[dict[str, Any]] | None:
         stack.wait_run_components_alive()
@@ -93,7 +93,11 @@ def wait_backfill(stack: DistributedStack, backfill_id: int, timeout: float) -> 
             "JOIN dag_run r ON r.id = b.dag_run_id WHERE b.backfill_id = ? ORDER BY r.logical_date",
             backfill_id,
         )
-        if len(runs) == len(DATES) and all(r["state"] in ("success", "failed") for r in runs):
+        done = stack.sql("SELECT completed_at FROM backfill WHERE id = ?", backfill_id)
+        ended = all(r["state"] in ("success", "failed") for r in runs)
+        # The scheduler marks the backfill completed a moment after its last run: until then another
+        # backfill of the DAG is refused ("Another backfill is running").
+        if len(runs) == len(DATES) and ended and done and done[0]["completed_at"] is not None:
             return runs
         return None
 
