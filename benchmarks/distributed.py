@@ -15,6 +15,7 @@ task log); polls per image from the emulator's ledger.
 
     .venv/bin/python -m benchmarks.distributed              # both, one run each (~12 min)
     .venv/bin/python -m benchmarks.distributed --only celery --n 400
+    .venv/bin/python -m benchmarks.distributed --n 400 --linger 0    # every wait deferred: many resumes
 
 Needs the ``distributed`` extra (``make test-distributed`` installs it). Prints one JSON line per run and
 writes them to ``benchmarks/results/<time>-distributed.json``.
@@ -76,7 +77,7 @@ def resume_gaps(sampler: StateSampler, passes: list[dict[str, Any]]) -> list[flo
     return gaps
 
 
-def run_one(kind: str, n: int, latency: float, jitter: float) -> dict[str, Any]:
+def run_one(kind: str, n: int, latency: float, jitter: float, linger: float | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-dist-{kind}-"))
     s3 = S3Server()
     s3.start()
@@ -96,6 +97,8 @@ def run_one(kind: str, n: int, latency: float, jitter: float) -> dict[str, Any]:
     client.put_object(Bucket=BUCKET, Key="prompts.parquet", Body=buffer.getvalue())
     conn = {"conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": s3.url}}
     env = {f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn)}
+    if linger is not None:  # read by the DAG file on every host (the operator's default is 5 s)
+        env["IMAGEN_BENCH_LINGER"] = str(linger)
     key = f"rk_live_{secrets.token_hex(8)}"
     stack: Stack
     if kind == "celery":
@@ -115,6 +118,7 @@ def run_one(kind: str, n: int, latency: float, jitter: float) -> dict[str, Any]:
     result: dict[str, Any] = {
         "kind": kind,
         "n": n,
+        "linger": linger,
         "latency": [latency, jitter],
         "bound_s": n / 100 * latency,
     }
@@ -177,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--latency-mean", type=float, default=10.0)
     parser.add_argument("--latency-jitter", type=float, default=2.0)
+    parser.add_argument("--linger", type=float, help="the batch operator's linger (0: defer at every wait)")
     args = parser.parse_args(argv)
     results = []
     for kind in args.only or ("celery", "local"):
-        result = run_one(kind, args.n, args.latency_mean, args.latency_jitter)
+        result = run_one(kind, args.n, args.latency_mean, args.latency_jitter, args.linger)
         print(json.dumps(result), flush=True)
         results.append(result)
     out = REPO / "benchmarks" / "results"
