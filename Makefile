@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast typecheck lint demo emulator bench constraints clean ui browser
+.PHONY: setup test test-fast test-distributed typecheck lint demo emulator bench constraints clean ui browser
 
 # The inner loop: the client, the engine's pieces, the trigger and the emulator, over loopback. No DAG
 # runs, no Airflow processes, no metadata DB (about a minute). `make test` runs these and everything else.
@@ -40,7 +40,14 @@ typecheck: setup
 test: setup browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed" $(PYTEST_ARGS)
+
+# The distributed suite alone (tests/distributed: CeleryExecutor over Redis, PostgreSQL, two workers, two
+# triggerers; ~15 min): installs the `distributed` extra; the tests install Debian's postgresql and
+# redis-server with apt-get when missing. Not part of `make test` (too long for it); CI runs both.
+test-distributed: setup
+	uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt -e '.[test,distributed]'
+	$(PY) -m pytest -q -p no:cacheprovider -m distributed -rA $(PYTEST_ARGS) tests/distributed
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(FAST_TESTS) $(PYTEST_ARGS)
