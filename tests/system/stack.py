@@ -7,7 +7,7 @@ its own session (``start_new_session``), with its output in ``AIRFLOW_HOME/<comp
 stopped by pid, and every process that ever lived in one of our sessions is swept at the end, so a test
 that fails half-way leaves nothing running (``Stack.leftovers()`` proves it).
 
-The settings are DESIGN.md's: LocalExecutor, SQLite, ``[core] parallelism`` 4, a fresh
+The settings: LocalExecutor, SQLite, ``[core] parallelism`` 4, a fresh
 ``AIRFLOW_HOME``, plus short health thresholds so a killed component is noticed in seconds, not minutes.
 Nothing here imports Airflow: the tests see Airflow through processes, HTTP and SQL, as users do.
 """
