@@ -7,8 +7,6 @@ nothing — publish has already written the index when it calls :func:`render_ou
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
-import json
 import logging
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -118,21 +116,3 @@ def _link(folder: ObjectStoragePath, uri: Any) -> str | None:
         relative = posixpath.relpath(target.path, folder.path)
         return quote(relative, safe="/._-~")
     return uri
-
-
-def _exists(path: ObjectStoragePath) -> bool:
-    try:
-        return path.exists()
-    except FileNotFoundError:
-        return False
-
-
-def _read_json(path: ObjectStoragePath) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
