@@ -56,8 +56,9 @@ def create_app() -> FastAPI:
 
     @app.get("/dags/{dag_id}/runs/{run_id}/gallery", dependencies=_READ_RUN, response_class=HTMLResponse)
     def gallery_page(request: Request, dag_id: str, run_id: str) -> HTMLResponse:
-        api = f"{request.scope.get('root_path', '')}/api/dags/{_q(dag_id)}/runs/{_q(run_id)}"
-        return _page("gallery.html", {"api": api, "spend": spend_url()})
+        root = request.scope.get("root_path", "")
+        api = f"{root}/api/dags/{_q(dag_id)}/runs/{_q(run_id)}"
+        return _page("gallery.html", {"api": api, "spend": spend_url()}, root=root)
 
     @app.get("/api/dags/{dag_id}/runs/{run_id}", dependencies=_READ_RUN)
     def run_data(dag_id: str, run_id: str, session: SessionDep) -> JSONResponse:
@@ -99,8 +100,14 @@ def create_app() -> FastAPI:
 
     @app.get("/spend", response_class=HTMLResponse)
     def spend_page(request: Request, user: GetUserDep) -> HTMLResponse:
-        api = f"{request.scope.get('root_path', '')}/api/spend"
-        return _page("spend.html", {"api": api, "days": spend_days()})
+        root = request.scope.get("root_path", "")
+        return _page("spend.html", {"api": f"{root}/api/spend", "days": spend_days()}, root=root)
+
+    @app.get("/static/cjk.ttf")
+    def cjk_font(user: GetUserDep) -> Response:
+        # Prompts in Chinese must read as text on machines without a CJK font: the emulator's subset
+        # (GB 2312 level 1, Apache-2.0) serves here too, for those characters only (unicode-range).
+        return Response(_font(), media_type="font/ttf", headers=_IMMUTABLE)
 
     @app.get("/api/spend")
     def spend_data(
@@ -169,21 +176,28 @@ def _asset(name: str) -> str:
     )
 
 
-def _page(name: str, config: dict[str, Any]) -> HTMLResponse:
+@cache
+def _font() -> bytes:
+    fonts = resources.files("airflow_provider_imagen.emulator").joinpath("fonts")
+    return fonts.joinpath("WenQuanYiMicroHei-subset.ttf").read_bytes()
+
+
+def _page(name: str, config: dict[str, Any], *, root: str = "") -> HTMLResponse:
     """Return a page with its styles and scripts inline, allowed by a per-response nonce only."""
     nonce = secrets.token_urlsafe(16)
     # "</" cannot close the script element from inside the JSON.
     data = json.dumps(config).replace("</", "<\\/")
     html = (
         _asset(name)
-        .replace("__COMMON_CSS__", _asset("common.css"))
+        .replace("__COMMON_CSS__", _asset("common.css").replace("__FONT_URL__", f"{root}/static/cjk.ttf"))
         .replace("__COMMON_JS__", _asset("common.js"))
         .replace("__CONFIG__", data)
         .replace("__NONCE__", nonce)
     )
     policy = (
-        f"default-src 'none'; img-src 'self'; connect-src 'self'; style-src 'nonce-{nonce}'; "
-        f"script-src 'nonce-{nonce}'; frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
+        "default-src 'none'; img-src 'self'; connect-src 'self'; font-src 'self'; "
+        f"style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+        "frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
     )
     headers = {
         "Content-Security-Policy": policy,

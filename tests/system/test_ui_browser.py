@@ -137,6 +137,11 @@ def test_the_gallery_shows_every_row_with_its_status_and_filters_narrow_it(page:
         time.sleep(0.2)
     assert image.evaluate("i => i.naturalWidth") > 0
     assert "/thumbs/" in image.get_attribute("src")
+    # Chinese prompts read as text, not boxes: the page's bundled CJK font loads (this machine has none).
+    faces = frame.locator("body").evaluate(
+        "b => document.fonts.load('14px \"Imagen CJK\"', '茶').then(found => found.length)"
+    )
+    assert faces >= 1
     page.screenshot(path=str(ARTIFACTS / "gallery.png"))
 
     frame.locator("#status-filter").select_option("moderated")

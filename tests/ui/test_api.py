@@ -127,7 +127,7 @@ def endpoints(runs: dict) -> list[str]:
 
 class TestWhoMayRead:
     def test_every_endpoint_refuses_a_request_without_a_user(self, client: Any, runs: dict) -> None:
-        for path in [*endpoints(runs), "/imagen/spend", "/imagen/api/spend"]:
+        for path in [*endpoints(runs), "/imagen/spend", "/imagen/api/spend", "/imagen/static/cjk.ttf"]:
             reply = client.get(path)
             assert reply.status_code == 401, (path, reply.status_code)
 
@@ -192,6 +192,17 @@ class TestRunData:
         for secret in [str(runs["root"]), emulator_server.api_key, "http://", "https://", *reapi_task_ids]:
             assert secret not in text, secret
             assert secret not in page, secret
+
+    def test_the_page_draws_chinese_prompts_with_the_bundled_font(self, client: Any, runs: dict) -> None:
+        """The page names the font for CJK characters only, and the font it names is served (a TrueType
+        file), so a prompt in Chinese reads as text where the browser's machine has no CJK font."""
+        headers = token("admin", "admin")
+        page = client.get(endpoints(runs)[0], headers=headers)
+        assert "font-src 'self'" in page.headers["Content-Security-Policy"]
+        assert "/imagen/static/cjk.ttf" in page.text and "unicode-range:U+3000-303F,U+4E00-9FFF" in page.text
+        font = client.get("/imagen/static/cjk.ttf", headers=headers)
+        assert font.status_code == 200 and font.headers["content-type"] == "font/ttf"
+        assert font.content[:4] == b"\x00\x01\x00\x00"  # the TrueType signature
 
     def test_the_single_image_task_is_a_tile_of_its_run(self, client: Any, runs: dict) -> None:
         body = client.get(run_path(runs["single"]), headers=token("admin", "admin")).json()
