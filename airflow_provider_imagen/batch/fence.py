@@ -150,9 +150,13 @@ def create_exclusive(path: ObjectStoragePath, data: bytes) -> None:
 _EXCLUSIVE_STORES: Final = frozenset({"s3", "s3a", "gs", "gcs"})
 
 
-def _warn_not_atomic(protocol: str, _warned: set[str] = set()) -> None:  # noqa: B006 - once per process
-    if protocol not in _warned:
-        _warned.add(protocol)
+#: Stores already warned about in this process (one warning each).
+_WARNED: set[str] = set()
+
+
+def _warn_not_atomic(protocol: str) -> None:
+    if protocol not in _WARNED:
+        _WARNED.add(protocol)
         log.warning(
             "Storage %r offers no create-if-absent write known to this provider: two tries claiming the "
             "journal at the same instant could both win. Keep journals on local disk, S3 or GCS.",

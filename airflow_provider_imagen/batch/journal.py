@@ -70,6 +70,8 @@ TRY_KEY: Final = "/try"
 _SEGMENT_SUFFIX: Final = ".jsonl"
 #: Kind of a snapshot's first line: the names of the segments it holds.
 HOLDS: Final = "_holds"
+#: How a snapshot's text starts (its header is written compact, kind first).
+_HOLDS_PREFIX: Final = '{"e":"' + HOLDS + '"'
 #: This process's part of segment names: two writers with the same sequence number never collide.
 _WRITER: Final = uuid.uuid4().hex[:8]
 #: Reads restarted when a segment vanishes mid-read (a concurrent compaction).
@@ -406,9 +408,8 @@ class Journal:
         held = sorted({name for segment, text in texts for name in (segment.name, *_holds(text))})
         last = texts[-1][0].name.removesuffix(_SEGMENT_SUFFIX)
         header = json.dumps({"e": HOLDS, "names": held}, separators=(",", ":")) + "\n"
-        body = header + "".join(
-            _records_of(text) + ("" if _records_of(text).endswith("\n") else "\n") for _, text in texts
-        )
+        records = [_records_of(text) for _, text in texts]
+        body = header + "".join(r if r.endswith("\n") else r + "\n" for r in records)
         write_whole(self.path / f"{last}~{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}", body.encode("utf-8"))
         for segment, _ in texts:
             with contextlib.suppress(FileNotFoundError):
@@ -466,7 +467,7 @@ def _seq(name: str) -> int:
 
 def _holds(text: str) -> list[str]:
     """Return the names a snapshot's first line says it holds (none for a plain segment)."""
-    if not text.startswith('{"e":"' + HOLDS + '"'):
+    if not text.startswith(_HOLDS_PREFIX):
         return []
     first = text.split("\n", 1)[0]
     try:
@@ -477,7 +478,7 @@ def _holds(text: str) -> list[str]:
 
 def _records_of(text: str) -> str:
     """Return a segment's text without a snapshot header."""
-    return text.split("\n", 1)[1] if _holds(text) else text
+    return text.split("\n", 1)[1] if text.startswith(_HOLDS_PREFIX) else text
 
 
 def _without_held(texts: list[tuple[ObjectStoragePath, str]]) -> list[tuple[ObjectStoragePath, str]]:
@@ -496,7 +497,7 @@ def _fold_text(
     entries: dict[str, JournalEntry], tries: dict[int, dict[str, Any]], segment: ObjectStoragePath, text: str
 ) -> None:
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or (number == 1 and line.startswith('{"e":"' + HOLDS + '"')):
+        if not line.strip() or (number == 1 and line.startswith(_HOLDS_PREFIX)):
             continue
         try:
             record = json.loads(line)
