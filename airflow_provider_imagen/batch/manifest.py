@@ -204,9 +204,12 @@ def manifest_row(
     replaced = source.replaced if source is not None else []
     if earlier is not None:
         replaced = [*replaced, {"task_id": earlier.task_id, "image_uri": (earlier.mirrored or {}).get("uri")}]
-    if credits and status not in CHARGED_STATUSES and not replaced:
-        posts = credits // CREDITS_PER_IMAGE
-        paid = f"{posts} earlier POST(s) of this request may have been paid ({credits} credits)"
+    extra = credits - credits_for(status)
+    if extra > 0 and not replaced:
+        # A POST whose fate is unknown (a crash, or a resubmit by consent) is billed beside this row's own.
+        paid = (
+            f"{extra // CREDITS_PER_IMAGE} other POST(s) of this request may have been paid ({extra} credits)"
+        )
         error_message = f"{error_message}; {paid}" if error_message else paid
     if replaced:
         old = replaced[-1]

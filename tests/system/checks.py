@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
+from airflow_provider_imagen.batch.status import credits_for
 
 #: Every status that means "this row is finished" for a run that was not cut short.
 EMULATOR_TO_MANIFEST = {"completed": "completed", "failed": "failed", "moderated": "moderated"}
@@ -176,7 +177,16 @@ def audit(
     twice = {t: n for t, n in named.items() if n > 1}
     assert not twice, f"tasks named by more than one manifest row: {twice}"
     rows_by_task = {r.task_id: r for r in rows.itertuples() if isinstance(r.task_id, str)}
-    unknown = rows[rows["status"] == "unknown_submit"]
+    # Rows whose bill includes a POST of unknown fate: unknown submits, and rows that also bill another
+    # possibly-paid POST (after a crash or a resubmit) and say so in their message. A row that bills the
+    # request an edited prompt replaced is known, not flagged, and stays checked to the credit.
+    flagged = (
+        rows["error_message"]
+        .fillna("")
+        .str.contains("other POST(s) of this request may have been paid", regex=False)
+    )
+    extra = (rows["credits"] > rows["status"].map(credits_for)) & flagged
+    unknown = rows[(rows["status"] == "unknown_submit") | extra]
     messages = " ".join(m for m in rows["error_message"] if isinstance(m, str))
     billed = rows.groupby("prompt")["credits"].sum().to_dict()
     charged = Counter(t["prompt"] for t in ours if not t["refunded"])
