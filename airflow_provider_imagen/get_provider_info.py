@@ -66,6 +66,17 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "s3://aws_default@my-bucket/imagen/journal",
                         "default": None,
                     },
+                    "min_deferral_seconds": {
+                        "description": "Seconds a deferral of an Imagen operator lasts at least: a "
+                        "trigger whose condition is met sooner holds its event until then. A resume "
+                        "within moments of the deferral can be failed by the scheduler, which handles "
+                        "the deferring process's exit late (a stale success). Raise it where scheduler "
+                        "loops are slow; 0 turns the hold off.",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "5",
+                        "default": "3",
+                    },
                     "ui_enabled": {
                         "description": "Serve the Imagen gallery and spend pages in Airflow's UI (the "
                         "plugin this provider installs). False turns the pages and their API off.",

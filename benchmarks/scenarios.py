@@ -22,6 +22,8 @@ SUITE: list[Scenario] = [
              note="beyond [core] max_map_length = 1024"),
     Scenario("imagen_batch_400", dag_id="imagen_batch_w400", n=400, max_in_flight=400, timeout_s=600,
              note="ours: ImagenBatchGenerateOperator, one task, window 400"),
+    Scenario("imagen_defaults_400", dag_id="imagen_batch_defaults", n=400, timeout_s=600,
+             note="ours with every default (window from 100 up to 1,000, no rate cap), vs the hand loop"),
     Scenario("imagen_batch_2000", dag_id="imagen_batch_w100", n=2000, max_in_flight=100, timeout_s=900,
              note="ours: throughput (scenario 1), ideal bound 2000 / 100 x 10 s = 200 s"),
     Scenario("imagen_footprint_2000", dag_id="imagen_batch_w2000", n=2000, max_in_flight=2000,

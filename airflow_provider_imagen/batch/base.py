@@ -13,6 +13,10 @@ from typing import Any, Final, Literal, get_args
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.polling import PollSchedule
 
+#: The window a try starts from: high enough for a nightly table in one round, low enough that an
+#: account whose limit is lower hears a few hundred 429s at most before the window finds it.
+START_WINDOW: Final = 100
+
 StopReason = Literal["deadline", "insufficient_credits", "authentication", "unreachable"]
 #: Why a try sends no more: its deadline passed, the API refused the account or the key (every other
 #: POST would be refused the same way), or the API could not be reached at all.
@@ -27,13 +31,15 @@ class StopRequestedError(RuntimeError):
 class BatchSettings:
     """The knobs of a batch run that shape its passes (all JSON-safe)."""
 
-    max_in_flight: int = 100
-    #: Come back to the worker once this share of the window has ended (at least one task).
-    refill_fraction: float = 0.25
+    #: The ceiling of the window; the window itself starts lower and adapts (see :attr:`RunClock.window`).
+    max_in_flight: int = 1000
+    #: Come back to the worker once this share of the window has ended (at least one task) and the
+    #: deferral has lasted ``min_deferral``.
+    refill_fraction: float = 0.1
     max_credits: int | None = None
     resubmit_unknown: bool = False
     #: POSTs per second at most; ``None`` for as fast as the API answers (429s are still honoured).
-    max_submit_rate: float | None = 20.0
+    max_submit_rate: float | None = None
     #: Submits journalled per segment: a crash mid-chunk leaves up to this many unknown submits. ``None``:
     #: 1 on a local journal (a write costs microseconds), 10 on an object store (a write is a PUT).
     journal_chunk: int | None = None
@@ -43,10 +49,16 @@ class BatchSettings:
     submit_concurrency: int = 4
     #: Seconds between progress lines.
     progress_interval: float = 30.0
-    #: Wait on the worker instead of deferring when the next task is due to end within this many seconds
-    #: (and, while rows wait for room in the window, whenever tasks are rendering: see
-    #: :func:`airflow_provider_imagen.batch.window.linger_for`). ``0`` always defers.
+    #: With nothing left to send, wait on the worker instead of deferring when the next task is due to end
+    #: within this many seconds (see :func:`airflow_provider_imagen.batch.window.linger_for`). ``0``
+    #: always defers, and never refills on the worker.
     linger: float = 5.0
+    #: While rows wait for room: ``True`` refills each place on the worker as it frees (fastest, holds a
+    #: worker slot), ``False`` defers between refills, ``None`` decides from the render time
+    #: (:func:`airflow_provider_imagen.batch.window.streams_on_worker`).
+    refill_on_worker: bool | None = None
+    #: Seconds a deferral lasts at least (``[imagen] min_deferral_seconds``; the trigger holds its event).
+    min_deferral: float = 3.0
     #: Seconds after its submit at which a task is first polled (the poll schedule's first poll).
     expected_render: float = 10.0
     #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).
@@ -87,10 +99,42 @@ class RunClock:
     budget: int | None = None
     #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
     epoch: int | None = None
-    #: Tasks this try keeps in flight now: ``max_in_flight`` at first, halved when the API answers a
-    #: submit with 429 (an account-wide limit shared with other batches), grown by one per round of
-    #: submits it accepts whole. ``None``: ``max_in_flight``.
+    #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`). Doubled per
+    #: round of submits the API accepts whole until its first 429, then halved on each 429 (an
+    #: account-wide limit shared with other batches) and grown by one per accepted round; never above
+    #: ``max_in_flight``.
     window: int | None = None
+    #: The window at the last 429: below it the window doubles, above it grows by one (``None``: no 429).
+    threshold: int | None = None
+
+    def current_window(self, ceiling: int) -> int:
+        """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``."""
+        return min(self.window or START_WINDOW, ceiling)
+
+    def adapt_window(self, ceiling: int, *, rate_limited: bool, accepted: bool) -> int:
+        """Size the window from one round of submits; return the new window.
+
+        The API's capacity is not documented and is shared by every batch of the account, so the window
+        finds it: it doubles per accepted round until the first 429 (slow start), then halves on each
+        429 and grows by one per accepted round (additive increase, multiplicative decrease). Several
+        batches on one account then converge on its capacity instead of each storming it.
+
+        :param rate_limited: the API answered at least one submit of the round with 429.
+        :param accepted: the round sent something without a 429 while more rows waited for room (a
+            window that holds nothing back proves nothing about the account).
+        """
+        window = self.current_window(ceiling)
+        if rate_limited:
+            self.window = self.threshold = max(1, window // 2)
+        elif accepted and window < ceiling:
+            if self.threshold is None:
+                grown = window * 2
+            elif window < self.threshold:
+                grown = min(window * 2, self.threshold)
+            else:
+                grown = window + 1
+            self.window = min(grown, ceiling)
+        return self.current_window(ceiling)
 
     def to_kwargs(self) -> dict[str, Any]:
         """Return the JSON-safe form for ``defer(kwargs=…)``."""
@@ -101,6 +145,7 @@ class RunClock:
             "budget": self.budget,
             "epoch": self.epoch,
             "window": self.window,
+            "threshold": self.threshold,
         }
 
 

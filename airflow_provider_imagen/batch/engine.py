@@ -42,7 +42,7 @@ from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
-from airflow_provider_imagen.batch.window import WindowIndex, WindowPlan, linger_for
+from airflow_provider_imagen.batch.window import WindowIndex, WindowPlan, linger_for, streams_on_worker
 from airflow_provider_imagen.polling import PollOutcome
 
 if TYPE_CHECKING:
@@ -153,10 +153,12 @@ class BatchPass:
             self._mirror(plan.to_mirror)
             plan = self._plan(stop is not None)
         while plan.to_submit:
-            stop = self._submit(plan.to_submit) or stop
+            before = self.window
+            stop = self._submit(plan.to_submit, more_waiting=plan.waiting_count > 0) or stop
             plan = self._plan(stop is not None)
-            if plan.in_flight:
-                break
+            if plan.in_flight and self.window <= before:
+                break  # the window is full: the next places free as tasks end
+            # The window grew (the API took a whole round): fill it now rather than after the next end.
             if self._backoff and plan.to_submit:
                 # Nothing of ours renders and the account is full: wait as the API asked, then try again.
                 time.sleep(min(self._backoff, max(self.clock.deadline - self.now(), 0.0)))
@@ -184,6 +186,7 @@ class BatchPass:
                 self.schedule,
                 linger=self.settings.linger,
                 refillable=refillable,
+                stream=self.streams,
                 now=now,
                 deadline=self.clock.deadline,
             )
@@ -233,21 +236,29 @@ class BatchPass:
     @property
     def window(self) -> int:
         """Return how many tasks may be in flight now (see :attr:`RunClock.window`)."""
-        return min(self.clock.window or self.settings.max_in_flight, self.settings.max_in_flight)
+        return self.clock.current_window(self.settings.max_in_flight)
 
-    def _adapt(self, reports: Sequence[SubmitReport]) -> float:
-        """Shrink the window on a 429, grow it back by one on a round without one; return the wait.
+    @property
+    def streams(self) -> bool:
+        """Return whether rows waiting for room are refilled on the worker rather than after a deferral."""
+        if self.settings.refill_on_worker is not None:
+            return self.settings.refill_on_worker and self.settings.linger > 0
+        return streams_on_worker(
+            self.schedule, linger=self.settings.linger, min_deferral=self.settings.min_deferral
+        )
 
-        Several batches on one account then share its capacity instead of each storming it with its
-        own ``max_in_flight``: additive increase, multiplicative decrease.
-        """
+    def _adapt(self, reports: Sequence[SubmitReport], *, more_waiting: bool) -> float:
+        """Size the window from the API's answers (:meth:`RunClock.adapt_window`); return the wait asked."""
         limited = [e for r in reports for e in r.rejected.values() if isinstance(e, RateLimitedError)]
+        before = self.window
+        after = self.clock.adapt_window(
+            self.settings.max_in_flight,
+            rate_limited=bool(limited),
+            accepted=more_waiting and any(r.submitted for r in reports),
+        )
         if limited:
-            self.clock.window = max(1, self.window // 2)
-            log.info("The API rate-limits submits: the window shrinks to %d.", self.clock.window)
+            log.info("The API rate-limits submits: the window shrinks from %d to %d.", before, after)
             return max((e.retry_after or 1.0) for e in limited)
-        if any(r.submitted for r in reports) and self.window < self.settings.max_in_flight:
-            self.clock.window = self.window + 1
         return 0.0
 
     def _stop_reason(self) -> StopReason | None:
@@ -404,9 +415,10 @@ class BatchPass:
         self._write(records)
         return limited
 
-    def _submit(self, specs: Sequence[ImageSpec]) -> StopReason | None:
+    def _submit(self, specs: Sequence[ImageSpec], *, more_waiting: bool = False) -> StopReason | None:
         """Submit in journalled chunks, a few at a time, at the bounded rate.
 
+        ``more_waiting``: rows beyond these wait for room, so an accepted round may grow the window.
         Returns a stop reason when the API ran out of credits (the other chunks then stop too).
         """
         size = self.settings.journal_chunk or (1 if self.journal.path.protocol in LOCAL_PROTOCOLS else 10)
@@ -449,7 +461,7 @@ class BatchPass:
         pool.shutdown()
         for report in reports:
             self._fold(report.records)
-        self._backoff = self._adapt(reports)
+        self._backoff = self._adapt(reports, more_waiting=more_waiting)
         if self.stop.is_set():
             raise StopRequestedError(
                 "the task was asked to stop (a clear, mark-failed or a worker shutting down); every POST "

@@ -360,29 +360,47 @@ def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
     return retry_after is not None and entry.mirror_failed_at < retry_after
 
 
+#: Seconds from a trigger's event to the resumed pass on a worker (triggerer, scheduler, task start),
+#: as measured on a LocalExecutor with SQLite (0.5–1.2 s) and Celery with PostgreSQL (0.6–1.2 s), rounded up.
+RESUME_LATENCY: Final = 1.5
+
+
+def streams_on_worker(schedule: PollSchedule, *, linger: float, min_deferral: float) -> bool:
+    """Return whether a batch with rows waiting for room refills its window on the worker.
+
+    Deferring frees the worker slot but a round trip lasts at least ``min_deferral`` (the hold that keeps
+    Airflow from failing a resume that comes too soon) plus a resume; places that free meanwhile wait for
+    the next pass, half a round trip on average. Against renders of ``expected_render`` seconds that costs
+    under a quarter of the throughput when renders are at least twice the round trip, so the batch
+    defers; shorter renders would leave the window mostly empty, so it streams on the worker, each place
+    refilled as it frees. ``linger=0`` always defers.
+    """
+    return linger > 0 and schedule.expected_render < 2 * (min_deferral + RESUME_LATENCY)
+
+
 def linger_for(
     submitted_at: Mapping[str, float | None],
     schedule: PollSchedule,
     *,
     linger: float,
     refillable: bool,
+    stream: bool,
     now: float,
     deadline: float,
 ) -> float | None:
     """Return how long to wait on the worker for the next task to end, or ``None`` to defer.
 
-    A deferral costs a triggerer round trip and a task start (seconds of scheduling); waiting costs a
-    worker slot. So wait when the next poll that can find an end is due within ``linger`` seconds. While
-    rows wait for room in the window (``refillable``), wait as long as it is within one render time more:
-    a window that refills each place as it frees keeps ``max_in_flight`` tasks rendering, while one that
-    defers refills in synchronized waves, each waiting for its slowest render and then for the resume
-    (measured at N = 2,000, window 100: 1.6× the ideal time deferring, 1.2× refilling on the worker). The
-    worker slot is then held for the whole stream, but busy: every end is a download and a submit.
+    A deferral costs a round trip through the triggerer (see :func:`streams_on_worker`); waiting costs a
+    worker slot. While rows wait for room (``refillable``), a streaming batch (``stream``) waits on the
+    worker for every end and refills its place at once, unless the next poll that can find an end is
+    more than a render away (an API far slower than expected); otherwise it defers and comes back for a
+    share of the window. With nothing left to send, it waits on the worker only when that poll is due
+    within ``linger`` seconds.
 
     :param submitted_at: task id → submit time (epoch seconds) of the tasks in flight.
     :param linger: the operator's ``linger``; ``0`` always defers.
     """
-    if linger <= 0 or not submitted_at:
+    if linger <= 0 or not submitted_at or (refillable and not stream):
         return None
     wait = max(next_visible_end(submitted_at, schedule, now=now) - now, 0.0)
     if wait > linger + (schedule.expected_render if refillable else 0.0):

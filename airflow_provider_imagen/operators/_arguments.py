@@ -277,6 +277,9 @@ def check_batch_arguments(args: Mapping[str, Any]) -> None:
     real_number("poll_interval", args["poll_interval"], positive=True)
     real_number("progress_interval", args["progress_interval"], minimum=0)
     real_number("linger", args["linger"], minimum=0)
+    real_number("min_deferral", args["min_deferral"], minimum=0, optional=True)
+    if args["refill_on_worker"] is not None:
+        flag("refill_on_worker", args["refill_on_worker"])
     for name in ("fail_on_error_rate", "fail_on_moderation_rate"):
         real_number(name, args[name], minimum=0, maximum=1, optional=True)
 

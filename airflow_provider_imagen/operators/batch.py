@@ -54,7 +54,12 @@ from airflow_provider_imagen.operators._arguments import (
 )
 from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, poll_tasks
-from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import (
+    DEFERRAL_SAFETY_MARGIN,
+    ImagenTaskTrigger,
+    min_deferral_seconds,
+    resume_not_before,
+)
 from airflow_provider_imagen.ui.links import ImagenGalleryLink
 
 if TYPE_CHECKING:
@@ -92,10 +97,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ``skipped_budget``. ``None`` for no budget. Templated (a rendered string of digits is accepted).
     :param check_balance: cap the budget at the account balance (the balance is always read first: a
         free call that catches a wrong key or an unreachable API before any POST).
-    :param max_in_flight: tasks rendering at the API at once, at most.
-    :param refill_fraction: when a wait with rows still to send is deferred (``linger=0``, or renders far
-        slower than ``expected_render``), come back to refill once this share of the window has ended.
-    :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers).
+    :param max_in_flight: tasks rendering at the API at once, at most. The window starts at 100 (or this,
+        if lower), doubles per round of submits the API accepts until its first 429, then halves on each
+        429 and grows by one per accepted round: batches sharing an account find its capacity.
+    :param refill_fraction: when a wait with rows still to send is deferred, come back to refill once
+        this share of the window has ended (and the deferral has lasted ``[imagen] min_deferral_seconds``).
+    :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers; its 429s
+        shrink the window either way).
     :param timeout: seconds for the whole try; tasks still rendering then are ``timeout`` in the
         manifest (a retry re-attaches to them), unsent rows ``not_submitted``.
     :param expected_render: seconds after its submit at which a task is first polled.
@@ -106,10 +114,18 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param fail_on_moderation_rate: the same for moderated requests.
     :param mirror_concurrency: parallel downloads.
     :param progress_interval: seconds between progress lines in the log.
-    :param linger: wait on the worker instead of deferring when the next task is due to end within this
-        many seconds; while rows wait for room in the window, also whenever tasks are rendering, so each
-        place is refilled as it frees (a triggerer round trip costs seconds of scheduling and leaves
-        finished places empty). ``0`` always defers and frees the slot at every wait.
+    :param linger: with nothing left to send, wait on the worker instead of deferring when the next task
+        is due to end within this many seconds (a triggerer round trip costs more). ``0`` always
+        defers and frees the slot at every wait.
+    :param refill_on_worker: while rows wait for room in the window: ``True`` stays on the worker and
+        refills each place as it frees (fastest; holds a worker slot for the whole stream), ``False``
+        defers between refills (the slot is free while tasks render), ``None`` decides from
+        ``expected_render``: defer when renders last at least twice a deferral round trip (9 s with
+        the default ``[imagen] min_deferral_seconds``), stream when they are shorter. Ignored when
+        ``linger=0``.
+    :param min_deferral: seconds each deferral lasts at least (``None``: ``[imagen]
+        min_deferral_seconds``, 3 by default). A resume within moments of the deferral can be failed by
+        Airflow's scheduler, which handles the deferring process's exit late (a stale success).
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
@@ -143,9 +159,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
         fail_when_all_invalid: bool = True,
         max_credits: int | str | None = None,
         check_balance: bool = False,
-        max_in_flight: int = 100,
-        refill_fraction: float = 0.25,
-        max_submit_rate: float | None = 20.0,
+        max_in_flight: int = 1000,
+        refill_fraction: float = 0.1,
+        max_submit_rate: float | None = None,
         timeout: float = 6 * 3600.0,
         expected_render: float = 10.0,
         poll_interval: float = 2.0,
@@ -155,6 +171,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         mirror_concurrency: int = 8,
         progress_interval: float = 30.0,
         linger: float = 5.0,
+        refill_on_worker: bool | None = None,
+        min_deferral: float | None = None,
         journal_path: str | None = None,
         check_pixel_size: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
@@ -183,6 +201,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self.fail_on_moderation_rate = fail_on_moderation_rate
         self.journal_path = journal_path
         self.deferrable = deferrable
+        self.min_deferral = min_deferral
         self.settings = BatchSettings(
             max_in_flight=max_in_flight,
             refill_fraction=refill_fraction,
@@ -192,6 +211,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             mirror_concurrency=mirror_concurrency,
             progress_interval=progress_interval,
             linger=linger,
+            refill_on_worker=refill_on_worker,
             expected_render=expected_render,
             poll_interval=poll_interval,
             check_pixel_size=check_pixel_size,
@@ -216,7 +236,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self._check_rendered()
 
     def _check_rendered(self) -> None:
-        """Check the templated arguments (rendered, or as given when ``execute`` is called directly)."""
+        """Check the templated arguments (rendered, or as given when ``execute`` is called directly).
+
+        Also takes the deployment's ``[imagen] min_deferral_seconds``, read where the task runs.
+        """
+        settle = min_deferral_seconds() if self.min_deferral is None else self.min_deferral
+        if settle != self.settings.min_deferral:
+            self.settings = replace(self.settings, min_deferral=settle)
         try:
             credits = check_batch_rendered(self, getattr(self, "_imagen_templates", {}))
         except ImagenInputError as exc:
@@ -258,6 +284,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         budget: int | None = None,
         epoch: int | None = None,
         window: int | None = None,
+        threshold: int | None = None,
     ) -> dict[str, Any]:
         """Resume after the trigger: check this try still owns the journal, validate the event, go on.
 
@@ -273,7 +300,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         if lease.epoch not in clocks:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
         # The window adapts between passes; where Airflow kept the kwargs it goes on from where it was.
-        resumed = {"progress_at": progress_at, "epoch": lease.epoch, "window": window}
+        resumed = {"progress_at": progress_at, "epoch": lease.epoch, "window": window, "threshold": threshold}
         clock = RunClock(**{**clocks[lease.epoch], **resumed})
         return self._run(
             context, journal, self._specs(), clock, outcome, client=self._client(), entries=entries
@@ -334,6 +361,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                         submitted_at=step.submitted_at,
                         fire_when_done=step.fire_when_done,
                         polled_until=step.polled_until,
+                        not_before=resume_not_before(self.settings.min_deferral),
                         **self.schedule.to_kwargs(),
                     ),
                     method_name="execute_complete",

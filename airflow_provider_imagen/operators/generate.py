@@ -43,7 +43,11 @@ from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.operators._arguments import check_generate_arguments, check_generate_rendered
 from airflow_provider_imagen.operators._tries import stop_event, try_owner
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule, poll_tasks
-from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import (
+    DEFERRAL_SAFETY_MARGIN,
+    ImagenTaskTrigger,
+    resume_not_before,
+)
 from airflow_provider_imagen.ui.links import ImagenImageGalleryLink
 
 if TYPE_CHECKING:
@@ -207,6 +211,7 @@ class ImagenGenerateOperator(BaseOperator):
                     task_ids=[task_id],
                     deadline=deadline,
                     submitted_at=[submitted_at],
+                    not_before=resume_not_before(),
                     **self.schedule.to_kwargs(),
                 ),
                 method_name="execute_complete",

@@ -14,7 +14,11 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, A
 from airflow_provider_imagen.api.errors import TaskNotFoundError, task_failure
 from airflow_provider_imagen.hooks.imagen import ImagenHook
 from airflow_provider_imagen.polling import PollOutcome, PollSchedule
-from airflow_provider_imagen.triggers.imagen import DEFERRAL_SAFETY_MARGIN, ImagenTaskTrigger
+from airflow_provider_imagen.triggers.imagen import (
+    DEFERRAL_SAFETY_MARGIN,
+    ImagenTaskTrigger,
+    resume_not_before,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -86,6 +90,7 @@ class ImagenTaskSensor(BaseSensorOperator):
                 imagen_conn_id=self.imagen_conn_id,
                 task_ids=[self.imagen_task_id],
                 deadline=time.time() + float(self.timeout),
+                not_before=resume_not_before(),
                 **self.schedule.to_kwargs(),
             ),
             method_name="execute_complete",

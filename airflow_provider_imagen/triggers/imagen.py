@@ -7,11 +7,14 @@ log lines and events that never carry a key or a URL.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from airflow.configuration import conf
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_imagen.api.errors import ImagenError
@@ -31,9 +34,32 @@ CLASSPATH: Final = "airflow_provider_imagen.triggers.imagen.ImagenTaskTrigger"
 #: (absolute) deadline and says so in an event; Airflow's own deferral timeout runs neither
 #: ``execute_complete`` nor ``on_kill``, so it is only a safety net for a triggerer that never answers.
 DEFERRAL_SAFETY_MARGIN: Final = timedelta(minutes=10)
+#: Seconds a deferral lasts at least unless ``[imagen] min_deferral_seconds`` says otherwise. The
+#: deferring process's "success" reaches the scheduler a moment after it exits (a scheduler loop or two);
+#: a resumed try already running by then is failed as "killed externally". Airflow 3.3 guards a resumed
+#: task only while it is still ``scheduled``, so the event itself waits out that moment.
+DEFAULT_MIN_DEFERRAL: Final = 3.0
 #: Deadlines before this (2001-09-09) are surely relative seconds, not epoch seconds: refuse them.
 _EPOCH_FLOOR: Final = 1_000_000_000.0
 _DEFAULTS: Final = PollSchedule()
+
+
+def min_deferral_seconds() -> float:
+    """Return this deployment's ``[imagen] min_deferral_seconds`` (see :func:`resume_not_before`)."""
+    return max(conf.getfloat("imagen", "min_deferral_seconds", fallback=DEFAULT_MIN_DEFERRAL), 0.0)
+
+
+def resume_not_before(settle: float | None = None, *, now: float | None = None) -> float:
+    """Return the earliest epoch time a deferral made now may end (``not_before`` of the trigger).
+
+    Airflow's stale-success race (apache/airflow#72716): when a trigger fires within moments of the
+    deferral, the resumed try can be running before the scheduler has handled the deferring process's
+    exit, and the scheduler then fails it. Holding every event until ``[imagen] min_deferral_seconds``
+    after the deferral closes that window without spending a retry. Raise it where the scheduler's loop
+    is slow (a loaded or distributed deployment); 0 turns the hold off. ``settle`` overrides it.
+    """
+    settle = min_deferral_seconds() if settle is None else max(settle, 0.0)
+    return (time.time() if now is None else now) + settle
 
 
 class ImagenTaskTrigger(BaseTrigger):
@@ -62,6 +88,8 @@ class ImagenTaskTrigger(BaseTrigger):
     :param max_consecutive_errors: transient poll failures in a row before an ``error`` event.
     :param max_concurrent_polls: polls in flight at once (and the HTTP connection pool size).
     :param round_gap: least seconds between two poll rounds; ids falling due meanwhile go together.
+    :param not_before: yield no event before this epoch time (see :func:`resume_not_before`): a
+        condition met at once is held until the deferral has settled in the scheduler.
     """
 
     def __init__(
@@ -80,6 +108,7 @@ class ImagenTaskTrigger(BaseTrigger):
         max_consecutive_errors: int = _DEFAULTS.max_consecutive_errors,
         max_concurrent_polls: int = _DEFAULTS.max_concurrent_polls,
         round_gap: float = _DEFAULTS.round_gap,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(task_ids, str) or not all(isinstance(t, str) and t.strip() for t in task_ids):
@@ -113,6 +142,8 @@ class ImagenTaskTrigger(BaseTrigger):
         self.fire_when_done = None if fire_when_done is None else int(fire_when_done)
         #: An earlier trigger polled these ids on their grids up to this epoch time (a batch refill).
         self.polled_until = None if polled_until is None else float(polled_until)
+        #: Absolute like the deadline: a trigger restarted from its kwargs holds until the same moment.
+        self.not_before = None if not_before is None else float(not_before)
         #: Validated here, so a bad schedule fails at ``defer()`` on the worker, not in the triggerer.
         self.schedule = PollSchedule(
             expected_render=expected_render,
@@ -141,6 +172,7 @@ class ImagenTaskTrigger(BaseTrigger):
                 "submitted_at": None if self.submitted_at is None else list(self.submitted_at),
                 "fire_when_done": self.fire_when_done,
                 "polled_until": self.polled_until,
+                "not_before": self.not_before,
                 **self.schedule.to_kwargs(),
             },
         )
@@ -164,6 +196,10 @@ class ImagenTaskTrigger(BaseTrigger):
             ", ".join(f"{n} {status}" for status, n in outcome.counts().items() if n),
             f" ({outcome.message})" if outcome.message else "",
         )
+        hold = 0.0 if self.not_before is None else self.not_before - time.time()
+        if hold > 0:
+            self.log.info("Holding the event %.1f s, until the deferral has settled in the scheduler.", hold)
+            await asyncio.sleep(hold)
         yield TriggerEvent(outcome.to_event())
 
     async def _poll(self) -> PollOutcome:

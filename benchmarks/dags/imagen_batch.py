@@ -40,3 +40,19 @@ for window in WINDOWS:
             linger=float(os.environ.get("IMAGEN_BENCH_LINGER", "5")),
             progress_interval=10.0,
         )
+
+with DAG(
+    dag_id="imagen_batch_defaults",
+    start_date=datetime(2026, 1, 1),
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    tags=["benchmark", "ours"],
+):
+    # What a user gets without tuning: every knob at its default, deferrable, no retries.
+    ImagenBatchGenerateOperator(
+        task_id="generate",
+        prompts="{{ dag_run.conf['prompt_table'] }}",
+        output_path="{{ dag_run.conf['output_uri'] }}",
+        deferrable=True,
+    )

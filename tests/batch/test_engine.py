@@ -205,3 +205,49 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
     assert ledger["tasks_created"] == 36 and max(ledger["submissions_by_prompt"].values()) == 1
     assert ledger["concurrency_limited"] > 0  # the cap was met…
     assert all(smallest[n] < 6 for n in range(3))  # …and every batch's window gave way to it
+
+
+def test_the_window_starts_low_doubles_until_a_429_then_halves_and_creeps() -> None:
+    """Slow start, then additive increase and multiplicative decrease, never above the ceiling."""
+    from airflow_provider_imagen.batch.base import START_WINDOW
+
+    clock = RunClock(started_at=0.0, deadline=1.0)
+    assert clock.current_window(1000) == START_WINDOW and clock.current_window(40) == 40
+    sizes = [clock.adapt_window(1000, rate_limited=False, accepted=True) for _ in range(3)]
+    assert sizes == [200, 400, 800]
+    assert clock.adapt_window(1000, rate_limited=False, accepted=False) == 800  # nothing held back
+    assert clock.adapt_window(1000, rate_limited=True, accepted=False) == 400  # the account's limit
+    assert clock.adapt_window(1000, rate_limited=True, accepted=False) == 200
+    assert [clock.adapt_window(1000, rate_limited=False, accepted=True) for _ in range(2)] == [201, 202]
+    # The state rides the deferral: a resumed try goes on from it.
+    resumed = RunClock(
+        started_at=0.0, deadline=1.0, **{k: clock.to_kwargs()[k] for k in ("window", "threshold")}
+    )
+    assert resumed.adapt_window(1000, rate_limited=False, accepted=True) == 203
+    capped = RunClock(started_at=0.0, deadline=1.0, window=900)
+    assert capped.adapt_window(1000, rate_limited=False, accepted=True) == 1000
+    assert (
+        RunClock(started_at=0.0, deadline=1.0, window=1).adapt_window(10, rate_limited=True, accepted=False)
+        == 1
+    )
+
+
+def test_a_first_pass_fills_a_grown_window_without_waiting_for_an_end(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """250 rows under the default ceiling: the window starts at 100, the API takes every round, so the
+    first pass doubles it and sends all 250 before it waits once."""
+    emulator.configure(latency_mean=5.0, latency_jitter=0.0)  # nothing ends during the pass
+    specs = expand_specs([{"prompt_id": f"s{i}", "prompt": f"a slow-start lamp {i}"} for i in range(250)])
+    now = time.time()
+    clock = RunClock(started_at=now, deadline=now + 60)
+    step = BatchPass(
+        client=client,
+        journal=Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r"),
+        specs=specs,
+        images_root=str(tmp_path / "images"),
+        settings=BatchSettings(expected_render=5.0),
+        clock=clock,
+    ).run(None)
+    assert not isinstance(step, Finish) and len(step.task_ids) == 250
+    assert emulator.ledger()["posts"] == 250 and clock.window == 400

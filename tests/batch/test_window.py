@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_provider_imagen.batch.window import linger_for
+from airflow_provider_imagen.batch.window import linger_for, streams_on_worker
 from airflow_provider_imagen.polling import PollSchedule
 
 NOW = 1_800_000_000.0
 SCHEDULE = PollSchedule(expected_render=10.0, poll_interval=2.0)
 
 
-def decide(submitted: dict[str, float | None], *, refillable: bool, linger: float = 5.0) -> float | None:
-    return linger_for(submitted, SCHEDULE, linger=linger, refillable=refillable, now=NOW, deadline=NOW + 3600)
+def decide(
+    submitted: dict[str, float | None], *, refillable: bool, linger: float = 5.0, stream: bool = True
+) -> float | None:
+    return linger_for(
+        submitted, SCHEDULE, linger=linger, refillable=refillable, stream=stream, now=NOW, deadline=NOW + 3600
+    )
 
 
 def test_a_window_just_sent_with_nothing_left_to_send_defers() -> None:
@@ -38,9 +42,26 @@ def test_overdue_tasks_of_a_slow_api_defer_even_with_rows_waiting() -> None:
     assert decide({"a": NOW - 190.0}, refillable=True) == pytest.approx(4.34 + 5.0, abs=0.01)
 
 
+def test_a_batch_that_does_not_stream_defers_while_rows_wait_however_soon_the_next_end() -> None:
+    """Slot-free refills: the trigger brings the worker back for a share of the window."""
+    assert decide({"a": NOW - 9.9}, refillable=True, stream=False) is None
+    # Once everything is sent, an end due within ``linger`` is still awaited on the worker.
+    assert decide({"a": NOW - 9}, refillable=False, stream=False) == pytest.approx(1.0 + 5.0)
+
+
+def test_renders_shorter_than_two_deferral_round_trips_stream_on_the_worker() -> None:
+    """A round trip is ``min_deferral`` plus ~1.5 s of resume: 4.5 s at the default 3 s."""
+    assert not streams_on_worker(SCHEDULE, linger=5.0, min_deferral=3.0)  # 10 s renders: defer
+    assert streams_on_worker(PollSchedule(expected_render=1.0), linger=5.0, min_deferral=3.0)
+    assert streams_on_worker(SCHEDULE, linger=5.0, min_deferral=5.0)  # a slow scheduler: 13 s round trips
+    assert not streams_on_worker(PollSchedule(expected_render=1.0), linger=0.0, min_deferral=3.0)
+
+
 def test_linger_zero_always_defers_and_the_deadline_caps_the_wait() -> None:
     assert decide({"a": NOW - 9}, refillable=True, linger=0.0) is None
-    capped = linger_for({"a": NOW - 9}, SCHEDULE, linger=5.0, refillable=True, now=NOW, deadline=NOW + 2.0)
+    capped = linger_for(
+        {"a": NOW - 9}, SCHEDULE, linger=5.0, refillable=True, stream=True, now=NOW, deadline=NOW + 2.0
+    )
     assert capped == pytest.approx(2.0)
     assert decide({}, refillable=True) is None
 

@@ -422,7 +422,41 @@ def test_reruns_into_one_output_path_never_overwrite_a_paid_image(stack: Stack, 
     assert len(ours(tasks, "rerun ")) == 12 and len(files) == 12 and figures["mirrored"] == 12
 
 
-# -- 7. answers the API gets wrong --------------------------------------------------------------------
+# -- 7. Airflow's stale-success race ------------------------------------------------------------------
+
+
+def test_a_trigger_that_fires_at_once_does_not_cost_the_try(stack: Stack, workdir: Path) -> None:
+    """A batch defers with every render already ended, its deferring process slow to exit (3 s), its
+    resumed pass long (12 s), and no retry.
+
+    Without the hold (``min_deferral=0``) the trigger fires at once and the resumed try is running when
+    the deferring process's "success" reaches the scheduler, which fails it: the race is real here. With
+    a hold longer than that exit (15 s) the event waits until the deferral has settled, and the run
+    succeeds in its first try, paying each image once."""
+    stack.emulator.reset()
+    states, figures = {}, {}
+    for dag, tag in (("imagen_sys_int_race_unheld", "unheld"), ("imagen_sys_int_race", "held")):
+        conf = conf_for(workdir / tag, rows_for(tag, 3))
+        run_id = stack.trigger(dag, **conf)
+        states[tag] = stack.wait_run(dag, run_id, timeout=150)
+        ti = stack.ti(dag, run_id)
+        figures[tag] = {"state": ti["state"], "try_number": ti["try_number"]}
+        if states[tag] == "success":
+            figures[tag]["audit"] = audit(
+                [local_manifest(workdir / tag / "out")], stack.emulator.ledger(), stack.emulator.tasks(), tag
+            )
+    mismatch = stack.sql(
+        "SELECT count(*) AS n FROM log WHERE event = 'state mismatch' AND dag_id = ?", "imagen_sys_int_race"
+    )
+    report("stale_success_race", figures, states=states)
+
+    assert states["unheld"] == "failed", "the race did not happen: the test proves nothing"
+    assert states["held"] == "success" and figures["held"]["try_number"] == 1
+    assert mismatch[0]["n"] == 0
+    assert figures["held"]["audit"]["mirrored"] == 3
+
+
+# -- 8. answers the API gets wrong --------------------------------------------------------------------
 
 
 def test_wrong_pixel_size_is_not_completed_and_moderated_rows_keep_the_api_message(

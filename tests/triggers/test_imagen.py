@@ -182,6 +182,34 @@ class TestRestartsAndTwins:
         assert events_one[0]["tasks"] == events_two[0]["tasks"]
         assert emulator.ledger()["posts"] == 3
 
+    async def test_an_event_due_at_once_is_held_until_not_before(
+        self, imagen_connection: str, submitter: ImagenClient
+    ) -> None:
+        """The condition is met at the trigger's start (the task ended before the deferral): the event
+        still waits until ``not_before``, so the scheduler has handled the deferral when the task resumes."""
+        ids, times = submit(submitter, "ready before the deferral")
+        await asyncio.sleep(0.6)  # rendered (0.2 ± 0.1 s)
+        hold_until = time.time() + 1.5
+        trigger = make_trigger(
+            ids, submitted_at=times, imagen_conn_id=imagen_connection, not_before=hold_until
+        )
+        events = await collect(trigger)
+        assert time.time() >= hold_until and PollOutcome.from_event(events[0]).status == "success"
+        # A restarted trigger holds until the same absolute moment; without a hold it fires at once.
+        assert trigger.serialize()[1]["not_before"] == hold_until
+        started = time.time()
+        await collect(make_trigger(ids, submitted_at=times, imagen_conn_id=imagen_connection))
+        assert time.time() - started < 1.0
+
+    def test_resume_not_before_follows_the_configured_settle_time(self, monkeypatch: Any) -> None:
+        monkeypatch.setenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS", "7.5")
+        assert trigger_module.resume_not_before(now=100.0) == 107.5
+        assert trigger_module.resume_not_before(1.0, now=100.0) == 101.0
+        monkeypatch.setenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS", "0")
+        assert trigger_module.resume_not_before(now=100.0) == 100.0
+        monkeypatch.delenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS")
+        assert trigger_module.resume_not_before(now=100.0) == 100.0 + trigger_module.DEFAULT_MIN_DEFERRAL
+
     def test_kwargs_are_json_scalars_and_old_kwargs_still_build(self, emulator: Any) -> None:
         trigger = make_trigger(["task_a", "task_b"], submitted_at=[1.7e9, None], fire_when_done=1)
         classpath, kwargs = trigger.serialize()
@@ -189,7 +217,7 @@ class TestRestartsAndTwins:
         assert json.loads(json.dumps(kwargs)) == kwargs
         assert set(kwargs) == {
             "imagen_conn_id", "task_ids", "deadline", "submitted_at", "fire_when_done", "polled_until",
-            *FAST.field_names(),
+            "not_before", *FAST.field_names(),
         }  # fmt: skip
         assert_clean(emulator, kwargs)
         old = ImagenTaskTrigger(task_ids=["task_a"], deadline=kwargs["deadline"])  # an older version's kwargs

@@ -7,6 +7,8 @@ the prompts (or the one prompt), the output folder and the journal folder come f
 
 from __future__ import annotations
 
+import atexit
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -77,6 +79,52 @@ for name, settings in BATCH_SCENARIOS.items():
         tags=["imagen-system-test"],
     ):
         ImagenBatchGenerateOperator(task_id="generate", **{**_BATCH, **settings})
+
+#: How long a deferring task process takes to exit in the race DAGs: seconds in which its "success" has
+#: not reached the scheduler yet. On a loaded worker that is the supervisor and a scheduler loop; here it
+#: is made certain (longer than this stack's ~3 s from a deferral to a resumed process), since a test
+#: cannot load a machine by the same amount twice. The scheduler then hears of it 4–9 s after the
+#: deferral on this stack.
+SLOW_EXIT_S = 3.0
+#: How long the resumed pass works before it goes on: a large batch's resume mirrors and refills hundreds
+#: of places. The stale "success" is fatal only while the resumed try is queued or running, so this
+#: keeps it running when that "success" arrives.
+RESUMED_PASS_S = 12.0
+
+
+class SlowExitBatchOperator(ImagenBatchGenerateOperator):
+    """The batch operator whose deferring process takes :data:`SLOW_EXIT_S` more to exit.
+
+    Only the exit is slowed (an ``atexit`` sleep registered as it defers) and the resumed pass
+    lengthened; the trigger is stored and runs at once, so a resume can start while the scheduler still
+    waits for the deferring process's exit.
+    """
+
+    def defer(self, **kwargs: Any) -> Any:
+        atexit.register(time.sleep, SLOW_EXIT_S)
+        return super().defer(**kwargs)
+
+    def execute_complete(self, context: Any, event: Any = None, **kwargs: Any) -> Any:
+        time.sleep(RESUMED_PASS_S)
+        return super().execute_complete(context, event, **kwargs)
+
+
+#: Airflow's stale-success race: every wait is deferred, the renders have ended by the time the trigger
+#: starts, no retries. ``race_unheld`` turns the hold off to show the race is there; ``race`` holds as a
+#: deployment with such slow exits should (``[imagen] min_deferral_seconds`` above the exit time).
+for name, hold in (("race", 15.0), ("race_unheld", 0.0)):
+    with DAG(
+        dag_id=f"imagen_sys_int_{name}",
+        start_date=datetime(2026, 1, 1),
+        schedule=None,
+        catchup=False,
+        params=_PARAMS,
+        tags=["imagen-system-test"],
+    ):
+        SlowExitBatchOperator(
+            task_id="generate",
+            **{**_BATCH, "deferrable": True, "linger": 0.0, "retries": 0, "min_deferral": hold},
+        )
 
 with DAG(
     dag_id="imagen_sys_int_timeout_single",
