@@ -10,7 +10,7 @@ module adapts it to Airflow (deferral, XCom, Asset events, failure policy).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -298,7 +298,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         outcome: PollOutcome | None,
         *,
         client: Any,
-        entries: dict[str, Any] | None = None,
+        entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
@@ -580,7 +580,7 @@ def _this_try(
     return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}
 
 
-def api_answer(entries: dict[str, Any], error: type[Exception]) -> str:
+def api_answer(entries: Mapping[str, Any], error: type[Exception]) -> str:
     """Return the API's own words for the first request it refused with ``error`` (code included)."""
     prefix = f"{error.__name__}: "
     for entry in entries.values():
