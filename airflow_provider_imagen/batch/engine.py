@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,7 +37,7 @@ from airflow_provider_imagen.api.errors import (
     TaskNotFoundError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
-from airflow_provider_imagen.batch.journal import Journal, JournalEntry, new_record
+from airflow_provider_imagen.batch.journal import Journal, JournalEntries, JournalEntry, new_record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
@@ -85,7 +85,10 @@ def budget_with_balance(max_credits: int | None, *, balance: int, entries: Mappi
     The budget is compared with everything this run's journal says may have been paid, earlier tries
     included; the balance read now already lacks that spend, so it is added back before capping.
     """
-    spent = CREDITS_PER_IMAGE * sum(e.charged_submits for e in entries.values())
+    if isinstance(entries, JournalEntries):
+        spent = CREDITS_PER_IMAGE * entries.charged_total()  # without building every entry
+    else:
+        spent = CREDITS_PER_IMAGE * sum(e.charged_submits for e in entries.values())
     cap = spent + balance
     return cap if max_credits is None else min(max_credits, cap)
 
@@ -103,7 +106,7 @@ class BatchPass:
         settings: BatchSettings,
         clock: RunClock,
         answers: dict[str, Task] | None = None,
-        entries: dict[str, JournalEntry] | None = None,
+        entries: MutableMapping[str, JournalEntry] | None = None,
         index: WindowIndex | None = None,
         stop: threading.Event | None = None,
         now: Callable[[], float] = time.time,
@@ -120,7 +123,7 @@ class BatchPass:
         self.clock = clock
         self.now = now
         #: The journal folded; ``entries`` lets a caller that has just read it skip a second read.
-        self.entries: dict[str, JournalEntry] = entries if entries is not None else journal.load()
+        self.entries: MutableMapping[str, JournalEntry] = entries if entries is not None else journal.load()
         #: The plan kept up to date across the passes of one process (built here once otherwise).
         self.index = index if index is not None and entries is not None else self._new_index()
         self.schedule = settings.schedule
@@ -512,10 +515,15 @@ class BatchPass:
         left = plan.total - plan.done
         eta = f"{left / rate:,.0f} s" if rate > 0 and left else ("0 s" if not left else "unknown")
         budget = f" of budget {self.clock.budget:,}" if self.clock.budget is not None else ""
+        # Entries with no intent since the try started cost nothing in it: a snapshot's are not read.
+        since = self.clock.started_at
+        recent = (
+            self.entries.attempted_since(since)
+            if isinstance(self.entries, JournalEntries)
+            else self.entries.values()
+        )
         paid_now = CREDITS_PER_IMAGE * sum(
-            e.charged_since(self.clock.started_at)
-            for k, e in self.entries.items()
-            if k in self.index.position
+            e.charged_since(since) for e in recent if e.key in self.index.position
         )
         log.info(
             "Progress: %d/%d done, %d in flight (window %d), %d waiting, %d failed, %d moderated, "

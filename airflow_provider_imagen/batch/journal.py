@@ -31,16 +31,18 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast, get_args
 
+import pyarrow as pa
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.batch import fence
@@ -78,6 +80,29 @@ _WRITER: Final = uuid.uuid4().hex[:8]
 _LOAD_ATTEMPTS: Final = 5
 #: Compact the journal into one snapshot when a read finds more segments than this.
 DEFAULT_COMPACT_OVER: Final = 200
+#: Suffix of a state snapshot: the folded entries, one row per key, as an Arrow IPC file.
+_STATE_SUFFIX: Final = ".arrow"
+#: Schema-metadata keys of a state snapshot: what it holds, the tries' clocks, its format version.
+_META_HOLDS: Final = b"imagen_journal_holds"
+_META_TRIES: Final = b"imagen_journal_tries"
+_META_VERSION: Final = b"imagen_journal_state_version"
+STATE_VERSION: Final = 1
+#: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
+MAX_LEVELS: Final = 12
+#: The columns of a state snapshot. ``entry`` is the whole entry (JSON, read only when a key is
+#: used); the others let a resume classify a settled key, and count its charge, without reading it.
+STATE_SCHEMA: Final = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("entry", pa.string(), nullable=False),
+        pa.field("digest", pa.string()),
+        #: ``done``, ``failed`` or ``moderated`` when nothing a try decides can change the key's fate.
+        pa.field("settled", pa.string()),
+        pa.field("charged", pa.int64(), nullable=False),
+        #: The latest intent's time: a key whose attempts all predate a try was not paid in it.
+        pa.field("attempted_max", pa.float64()),
+    ]
+)
 
 
 RefusalKind = Literal["not_sent", "rate_limited", "authentication", "insufficient_credits", "refused"]
@@ -274,6 +299,158 @@ class JournalEntry:
         self.__dict__.update(fresh.__dict__)
         self.replaced, self.earlier_charged = kept
 
+    def to_state(self) -> str:
+        """Return this entry as one JSON object of its fields that differ from a fresh entry's."""
+        fresh = _FRESH
+        fields = {
+            name: value for name, value in self.__dict__.items() if name != "key" and value != fresh[name]
+        }
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_state(cls, key: str, state: str) -> JournalEntry:
+        """Return the entry :meth:`to_state` wrote for ``key``."""
+        entry = cls(key)
+        entry.__dict__.update(json.loads(state))
+        # JSON objects have string keys only: attempt ids are strings already, tuples came back as lists.
+        return entry
+
+    def settled(self) -> str | None:
+        """Return the key's final category when no try's rules can change it, else ``None``.
+
+        Ended and nothing left to do: completed and mirrored, moderated, failed or not found. Everything
+        else (in flight, to mirror, unknown, rejected) depends on the try that reads it.
+        """
+        if not self.task_ids or self.unknown_submit:
+            return None
+        if self.status == "completed":
+            return "done" if self.mirrored is not None else None
+        if self.status == "failed":
+            return "moderated" if self.error_code == 80006 else "failed"
+        if self.status == "not_found":
+            return "failed"
+        return None
+
+
+_FRESH: Final[dict[str, Any]] = {
+    f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(JournalEntry)
+}  # type: ignore[misc]
+
+
+class JournalEntries(MutableMapping[str, JournalEntry]):
+    """The journal folded: one entry per request key, read from its state snapshots only when used.
+
+    Why lazy: a resume of a batch of 10^5 rows needs the entries of its window, not of every row. The
+    rows of the state snapshots stay in Arrow arrays; an entry becomes a :class:`JournalEntry` when it
+    is read (and stays one, so changes to it are kept). :meth:`settled` answers what a window index
+    needs of every other key without building its entry.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[str, JournalEntry] = {}
+        #: Key → (level, row) in the state snapshots; later levels override earlier ones.
+        self._where: dict[str, tuple[int, int]] = {}
+        self._levels: list[pa.Table] = []
+        self._columns: list[dict[str, list[Any]]] = []
+        #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
+        self.materialized = 0
+
+    def add_level(self, table: pa.Table) -> None:
+        """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
+        level = len(self._levels)
+        self._levels.append(table)
+        columns = {name: table.column(name).to_pylist() for name in ("key", "digest", "settled", "charged")}
+        self._columns.append(columns)
+        self._where.update((key, (level, row)) for row, key in enumerate(columns["key"]))
+        for key in columns["key"]:
+            self._live.pop(key, None)
+
+    def settled(self, key: str, digest: str | None) -> tuple[str, int] | None:
+        """Return (category, charged submits) of a key settled in a snapshot and not read since.
+
+        ``None`` when the key is read already, absent, not settled, or of another request than
+        ``digest``: the caller then reads the entry and decides for itself.
+        """
+        if key in self._live:
+            return None
+        where = self._where.get(key)
+        if where is None:
+            return None
+        columns = self._columns[where[0]]
+        row = where[1]
+        category = columns["settled"][row]
+        stored = columns["digest"][row]
+        if category is None or (digest is not None and stored is not None and stored != digest):
+            return None
+        return category, int(columns["charged"][row])
+
+    def charged_total(self) -> int:
+        """Return the charged submits of every entry, reading only those already read."""
+        total = sum(e.charged_submits for e in self._live.values())
+        for key, (level, row) in self._where.items():
+            if key not in self._live:
+                total += int(self._columns[level]["charged"][row])
+        return total
+
+    def attempted_since(self, since: float) -> Iterator[JournalEntry]:
+        """Yield the entries with an intent written at or after ``since`` (the others cost nothing since)."""
+        for entry in list(self._live.values()):
+            if any(at >= since for at in entry.attempted_at.values()):
+                yield entry
+        for key, (level, row) in list(self._where.items()):
+            if key in self._live:
+                continue
+            at = self._levels[level].column("attempted_max")[row].as_py()
+            if at is not None and at >= since:
+                yield self[key]
+
+    def __getitem__(self, key: str) -> JournalEntry:
+        entry = self._live.get(key)
+        if entry is not None:
+            return entry
+        where = self._where.get(key)
+        if where is None:
+            raise KeyError(key)
+        state = self._levels[where[0]].column("entry")[where[1]].as_py()
+        entry = self._live[key] = JournalEntry.from_state(key, state)
+        self.materialized += 1
+        return entry
+
+    def __setitem__(self, key: str, entry: JournalEntry) -> None:
+        self._live[key] = entry
+
+    def __delitem__(self, key: str) -> None:
+        found = self._live.pop(key, None) is not None
+        if self._where.pop(key, None) is None and not found:
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live or key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._live
+        yield from (key for key in list(self._where) if key not in self._live)
+
+    def __len__(self) -> int:
+        return len(self._live) + sum(1 for key in self._where if key not in self._live)
+
+    def state_table(self, keys: Iterable[str]) -> pa.Table:
+        """Return a state snapshot of ``keys`` (each read, so it holds every record folded into it)."""
+        return _state_table([self[key] for key in keys])
+
+
+def _state_table(entries: list[JournalEntry]) -> pa.Table:
+    rows = {
+        "key": [e.key for e in entries],
+        "entry": [e.to_state() for e in entries],
+        "digest": [e.digest for e in entries],
+        "settled": [e.settled() for e in entries],
+        "charged": [e.charged_submits for e in entries],
+        "attempted_max": [max(e.attempted_at.values(), default=None) for e in entries],
+    }
+    return pa.Table.from_pydict(rows, schema=STATE_SCHEMA)
+
 
 class JournalReadError(RuntimeError):
     """A journal segment exists but cannot be read: refuse to guess, or we might pay twice."""
@@ -303,6 +480,8 @@ class Journal:
         self.compact_over = compact_over
         #: Segments this object wrote since it last read the journal.
         self.appended = 0
+        #: State-snapshot rows this object's compactions wrote (tests count them).
+        self.compacted_rows = 0
         #: The next segment's sequence number; ``None`` until the journal's segments were listed.
         self._next_seq: int | None = None
         #: The try this object writes for; every paid POST checks it first (see :meth:`claim`).
@@ -362,31 +541,61 @@ class Journal:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def load(self) -> dict[str, JournalEntry]:
-        """Fold every segment, oldest first, into one entry per request key.
+    def load(self) -> JournalEntries:
+        """Fold the journal, oldest first, into one entry per request key.
 
-        An absent journal is empty; an unreadable segment raises :class:`JournalReadError`. A segment
-        that vanishes while we read (another pass compacted it into a snapshot) restarts the read, so
-        no record is ever missed; what a later snapshot holds is skipped, so none counts twice.
+        A resume reads the state snapshots (Arrow arrays; an entry is built only when it is used) and
+        then folds the few segments written after them. An absent journal is empty; an unreadable
+        segment raises :class:`JournalReadError`. A file that vanishes while we read (another pass
+        compacted it) restarts the read, so no record is ever missed; what a later snapshot holds is
+        skipped, so none counts twice.
         """
         for _ in range(_LOAD_ATTEMPTS):
-            segments = self._segments()
+            files = self._segments()
             try:
-                texts = [(segment, self._read(segment)) for segment in segments]
+                read = [(path, self._read_any(path)) for path in files]
             except FileNotFoundError:
                 continue
-            live = _without_held(texts)
-            entries: dict[str, JournalEntry] = {}
+            present = {path.name for path in files}
+            held: set[str] = set()
+            for _, content in read:
+                held.update(_holds_of(content))
+            live = [(path, content) for path, content in read if path.name not in held]
+            entries = JournalEntries()
             tries: dict[int, dict[str, Any]] = {}
-            for segment, text in live:
-                _fold_text(entries, tries, segment, text)
+            levels = [(path, c) for path, c in live if isinstance(c, pa.Table)]
+            texts = [(path, c) for path, c in live if isinstance(c, str)]
+            for _, table in levels:
+                entries.add_level(table)
+                tries.update(_tries_of(table))
+            changed: set[str] = set()
+            for path, text in texts:
+                changed.update(_fold_text(entries, tries, path, text))
             self.tries = tries
-            self._next_seq = max(self._next_seq or 0, *(_seq(p.name) + 1 for p in segments), 1)
-            if len(segments) > self.compact_over:
-                self._compact(live)
+            self._next_seq = max(self._next_seq or 0, *(_seq(p.name) + 1 for p in files), 1)
+            if len(files) > self.compact_over:
+                self._compact(entries, tries, levels, texts, changed, held & present)
             self.appended = 0
             return entries
         raise JournalReadError(f"{self.path}: segments kept vanishing while reading ({_LOAD_ATTEMPTS} tries)")
+
+    def _read_any(self, path: ObjectStoragePath) -> str | pa.Table:
+        """Return a segment's text, or a state snapshot's table."""
+        if not path.name.endswith(_STATE_SUFFIX):
+            return self._read(path)
+        try:
+            data = read_bytes(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
+        try:
+            table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise JournalReadError(f"journal snapshot {path} is not a readable Arrow file: {exc}") from exc
+        if not set(STATE_SCHEMA.names) <= set(table.schema.names):
+            raise JournalReadError(f"journal snapshot {path} lacks columns of {STATE_SCHEMA.names}")
+        return table
 
     @staticmethod
     def _read(segment: ObjectStoragePath) -> str:
@@ -397,29 +606,69 @@ class Journal:
         except Exception as exc:
             raise JournalReadError(f"cannot read journal segment {segment}: {exc}") from exc
 
-    def _compact(self, texts: list[tuple[ObjectStoragePath, str]]) -> None:
-        """Replace many small segments by one snapshot at the same place in the order.
+    def _compact(
+        self,
+        entries: JournalEntries,
+        tries: Mapping[int, Mapping[str, Any]],
+        levels: list[tuple[ObjectStoragePath, pa.Table]],
+        texts: list[tuple[ObjectStoragePath, str]],
+        changed: set[str],
+        stale: set[str],
+    ) -> None:
+        """Fold the segments read into a state snapshot: a new level of the keys they changed.
 
-        The snapshot is written (whole) before any segment is deleted, sorts right after the last
-        segment it holds and before any later one, and opens with the names of everything it holds: a
-        reader that finds both the snapshot and a segment (or an older snapshot) it holds skips the
-        latter, so two readers compacting at once never double a record.
+        A new level holds, for each key the segments name, its whole entry as folded now; earlier
+        levels stay as they are, so a compaction writes in proportion to what changed since the last
+        one. Files a snapshot holds that are still there (a compactor stopped before deleting them)
+        are deleted too. The newest levels merge into the new one (each key's latest row) when they
+        are not at least twice its size, as in a log-structured merge tree: levels shrink
+        geometrically from the oldest, a key's row is rewritten O(log(keys / changes)) times over a
+        run, and a read meets a few levels, never more than :data:`MAX_LEVELS` plus the number of
+        doublings.
+
+        The snapshot is written (whole) before anything is deleted, sorts after the last file it holds
+        (and, among snapshots after the same file, after those holding fewer), and names in its schema
+        metadata everything it holds that is still there: a reader that finds both skips what it holds,
+        and a key's row in a snapshot is its whole state, so two compactors writing the same level at
+        once change nothing by it.
         """
-        held = sorted({name for segment, text in texts for name in (segment.name, *_holds(text))})
-        last = texts[-1][0].name.removesuffix(_SEGMENT_SUFFIX)
-        header = json.dumps({"e": HOLDS, "names": held}, separators=(",", ":")) + "\n"
-        records = [_records_of(text) for _, text in texts]
-        body = header + "".join(r if r.endswith("\n") else r + "\n" for r in records)
-        write_whole(self.path / f"{last}~{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}", body.encode("utf-8"))
-        for segment, _ in texts:
+        folded = [path for path, _ in texts]
+        table = entries.state_table(sorted(changed))
+        merged = _levels_to_merge([t.num_rows for _, t in levels], table.num_rows)
+        if merged:
+            table = _latest_rows([*(t for _, t in levels[-merged:]), table])
+            folded = [path for path, _ in levels[-merged:]] + folded
+        if not folded:
+            return
+        present = {path.name for path in folded} | stale
+        holds = set(stale)
+        for path in folded:
+            holds.add(path.name)
+        for _, content in [*texts, *levels]:
+            holds.update(_holds_of(content))
+        holds &= present
+        meta = {
+            _META_HOLDS: json.dumps(sorted(holds), separators=(",", ":")).encode(),
+            _META_TRIES: json.dumps({str(k): v for k, v in tries.items()}, separators=(",", ":")).encode(),
+            _META_VERSION: str(STATE_VERSION).encode(),
+        }
+        table = table.replace_schema_metadata(meta)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65536)
+        last = max(path.name.split("~", 1)[0].removesuffix(_SEGMENT_SUFFIX) for path in folded)
+        name = f"{last}~{len(holds):010d}-{uuid.uuid4().hex[:8]}{_STATE_SUFFIX}"
+        write_whole(self.path / name, sink.getvalue().to_pybytes())
+        self.compacted_rows += table.num_rows
+        for path in [*folded, *(self.path / name for name in sorted(stale))]:
             with contextlib.suppress(FileNotFoundError):
-                segment.unlink()
+                path.unlink()
 
     def _segments(self) -> list[ObjectStoragePath]:
         try:
             if not self.path.exists():
                 return []
-            found = [p for p in self.path.iterdir() if p.name.endswith(_SEGMENT_SUFFIX)]
+            found = [p for p in self.path.iterdir() if p.name.endswith((_SEGMENT_SUFFIX, _STATE_SUFFIX))]
         except FileNotFoundError:
             return []
         return sorted(found, key=lambda p: p.name)
@@ -466,7 +715,11 @@ def _seq(name: str) -> int:
 
 
 def _holds(text: str) -> list[str]:
-    """Return the names a snapshot's first line says it holds (none for a plain segment)."""
+    """Return the names a record snapshot's first line says it holds (none for a plain segment).
+
+    Record snapshots (a header, then the records of the segments they replaced) are what compaction
+    wrote before state snapshots: they are still read, and folded into the next state snapshot.
+    """
     if not text.startswith(_HOLDS_PREFIX):
         return []
     first = text.split("\n", 1)[0]
@@ -476,17 +729,44 @@ def _holds(text: str) -> list[str]:
         raise JournalReadError(f"a journal snapshot's header is unreadable: {exc}") from exc
 
 
-def _records_of(text: str) -> str:
-    """Return a segment's text without a snapshot header."""
-    return text.split("\n", 1)[1] if text.startswith(_HOLDS_PREFIX) else text
+def _holds_of(content: str | pa.Table) -> list[str]:
+    """Return the names a snapshot of either kind holds (none for a plain segment)."""
+    if isinstance(content, str):
+        return _holds(content)
+    raw = (content.schema.metadata or {}).get(_META_HOLDS)
+    try:
+        return list(json.loads(raw)) if raw else []
+    except ValueError as exc:
+        raise JournalReadError(f"a journal snapshot's list of what it holds is unreadable: {exc}") from exc
 
 
-def _without_held(texts: list[tuple[ObjectStoragePath, str]]) -> list[tuple[ObjectStoragePath, str]]:
-    """Drop every segment or snapshot that a snapshot (other than itself) holds."""
-    held: set[str] = set()
-    for _, text in texts:
-        held.update(_holds(text))
-    return [(segment, text) for segment, text in texts if segment.name not in held]
+def _tries_of(table: pa.Table) -> dict[int, dict[str, Any]]:
+    raw = (table.schema.metadata or {}).get(_META_TRIES)
+    return {int(k): dict(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def _levels_to_merge(sizes: list[int], new: int) -> int:
+    """Return how many of the newest levels (rows per level, oldest first) merge into a new one.
+
+    A level joins the merge unless it holds more than twice the rows merged so far, so sizes halve (at
+    least) from the oldest level to the newest; past :data:`MAX_LEVELS` levels the newest pair merges
+    as well, which keeps reads short when changes come in bursts of equal size.
+    """
+    merged, rows = 0, new
+    while merged < len(sizes) and sizes[-1 - merged] <= 2 * rows:
+        rows += sizes[-1 - merged]
+        merged += 1
+    if len(sizes) - merged + 1 > MAX_LEVELS:
+        merged = len(sizes) - MAX_LEVELS + 1
+    return merged
+
+
+def _latest_rows(tables: list[pa.Table]) -> pa.Table:
+    """Return the rows of ``tables`` (oldest first) with, for each key, only its latest row."""
+    merged = pa.concat_tables([t.select(STATE_SCHEMA.names).cast(STATE_SCHEMA) for t in tables])
+    keys = merged.column("key").to_pylist()
+    latest = {key: i for i, key in enumerate(keys)}
+    return merged.take(pa.array(sorted(latest.values()), type=pa.int64()))
 
 
 def _clock_of(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -494,8 +774,13 @@ def _clock_of(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fold_text(
-    entries: dict[str, JournalEntry], tries: dict[int, dict[str, Any]], segment: ObjectStoragePath, text: str
-) -> None:
+    entries: MutableMapping[str, JournalEntry],
+    tries: dict[int, dict[str, Any]],
+    segment: ObjectStoragePath,
+    text: str,
+) -> set[str]:
+    """Fold a segment's records into ``entries``; return the keys they touched."""
+    keys: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or (number == 1 and line.startswith(_HOLDS_PREFIX)):
             continue
@@ -509,8 +794,10 @@ def _fold_text(
             if entry is None:
                 entry = entries[key] = JournalEntry(key)
             entry.apply(record)
+            keys.add(key)
         except (ValueError, KeyError, TypeError) as exc:
             raise JournalReadError(f"{segment} line {number} is not a journal record: {exc}") from exc
+    return keys
 
 
 def resolve_journal_root(

@@ -315,6 +315,91 @@ def write_manifest(rows: Iterable[Mapping[str, Any]], dest: ObjectStoragePath | 
     return str(path)
 
 
+@dataclass(frozen=True)
+class WrittenManifest:
+    """What :func:`write_manifest_stream` wrote: where, and the counts a caller reports."""
+
+    uri: str
+    #: Every status with its number of rows (zeros included), plus ``total``.
+    counts: dict[str, int]
+    credits: int
+    #: Rows given to the writer; the rest of ``counts["total"]`` was kept from an earlier manifest.
+    written: int
+
+
+#: Rows per Parquet row group when a manifest is streamed: the rows in memory at once, at most.
+STREAM_ROWS: Final = 10_000
+
+
+def write_manifest_stream(
+    rows: Iterable[Mapping[str, Any]], dest: ObjectStoragePath | str, *, chunk: int = STREAM_ROWS
+) -> WrittenManifest:
+    """Write ``rows``, then the rows of the manifest at ``dest`` they do not replace, as one file.
+
+    The same file :func:`merge_rows` and :func:`write_manifest` would write, built a row group at a
+    time: a run of 10^5 rows holds ``chunk`` row dicts at once, not all of them. The compressed file is
+    still assembled in memory and written whole (one PUT), so no reader sees half a manifest.
+    """
+    import pyarrow.compute as pc
+
+    path = as_path(dest)
+    try:
+        earlier_bytes: bytes | None = read_bytes(path)
+    except FileNotFoundError:
+        earlier_bytes = None
+    counts = dict.fromkeys(STATUSES, 0)
+    credits = written = 0
+    mine: set[tuple[Any, Any, Any]] = set()
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, MANIFEST_SCHEMA, compression="zstd") as writer:
+
+        def flush(part: list[Mapping[str, Any]]) -> None:
+            nonlocal credits, written
+            table = manifest_table(part)
+            for row in part:
+                counts[row["status"]] += 1
+                credits += int(row["credits"])
+                mine.add((row["prompt_id"], row["size"], row["variation"]))
+            written += len(part)
+            writer.write_table(table)
+
+        part: list[Mapping[str, Any]] = []
+        for row in rows:
+            part.append(row)
+            if len(part) >= chunk:
+                flush(part)
+                part = []
+        if part or not written:
+            flush(part)
+        if earlier_bytes is not None:
+            earlier = pq.ParquetFile(pa.BufferReader(earlier_bytes)).read()
+            keys = zip(
+                earlier.column("prompt_id").to_pylist(),
+                earlier.column("size").to_pylist(),
+                earlier.column("variation").to_pylist(),
+                strict=True,
+            )
+            kept = earlier.filter(pa.array([k not in mine for k in keys], type=pa.bool_()))
+            if kept.num_rows:
+                kept = pa.Table.from_arrays(
+                    [
+                        kept.column(f.name)
+                        if f.name in kept.schema.names
+                        else pa.nulls(kept.num_rows, f.type)
+                        for f in MANIFEST_SCHEMA
+                    ],
+                    schema=MANIFEST_SCHEMA,
+                )
+                for status in kept.column("status").to_pylist():
+                    check_status(status)
+                    counts[status] += 1
+                credits += int(pc.sum(kept.column("credits")).as_py() or 0)
+                writer.write_table(kept)
+    counts["total"] = sum(counts.values())
+    write_whole(path, sink.getvalue().to_pybytes())
+    return WrittenManifest(uri=str(path), counts=counts, credits=credits, written=written)
+
+
 def read_manifest(path: ObjectStoragePath | str) -> pd.DataFrame:
     """Return a manifest as a DataFrame; integer columns keep nulls as ``<NA>`` instead of becoming floats.
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, cast
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
-from airflow_provider_imagen.batch.journal import JournalEntry
+from airflow_provider_imagen.batch.journal import JournalEntries, JournalEntry
 from airflow_provider_imagen.polling.outcome import ENDED_STATUSES
 from airflow_provider_imagen.polling.schedule import PollSchedule, next_visible_end
 
@@ -235,6 +235,7 @@ class WindowIndex:
         self._charge: list[int] = []
         self.in_flight: dict[str, str] = {}
         self._task_key: dict[str, str] = {}
+        self._all_tasks = False
         self._sets: dict[str, set[int]] = {TO_MIRROR: set(), UNKNOWN: set(), REJECTED: set()}
         self._counts: dict[str, int] = dict.fromkeys((INVALID, UNSENT, MODERATED, FAILED, DONE), 0)
         self.committed = 0
@@ -245,7 +246,21 @@ class WindowIndex:
         self.touched = 0
         #: Why this try may send no more: the API refused the key or the account in this try.
         self.stopping: Literal["authentication", "insufficient_credits"] | None = None
+        #: Settled keys whose entries were not read (their task ids are looked up only when asked).
+        self._entries = entries
+        settled = entries.settled if isinstance(entries, JournalEntries) else None
         for i, spec in enumerate(specs):
+            if settled is not None and spec.valid:
+                known = settled(spec.key, spec.digest)
+                if known is not None:
+                    # Ended and nothing left to do: no rule of this try changes it, so its entry (one of
+                    # the 10^5 a resume would otherwise build) stays unread.
+                    category, charged = cast("tuple[Category, int]", known)
+                    self._category.append(category)
+                    self._charge.append(CREDITS_PER_IMAGE * charged)
+                    self.committed += CREDITS_PER_IMAGE * charged
+                    self._counts[category] += 1
+                    continue
             entry = entries.get(spec.key)
             category = self._rules.classify(spec, entry)
             self._category.append(category)
@@ -253,8 +268,19 @@ class WindowIndex:
             self._add(i, category, entry)
 
     def task_key(self, task_id: str) -> str | None:
-        """Return the key whose current task is ``task_id``."""
-        return self._task_key.get(task_id)
+        """Return the key whose current task is ``task_id``.
+
+        Keys classified from a snapshot without their entry (ended long ago) are not in the map: an
+        unknown task id looks them up once, reading every entry (no pass asks about such a task).
+        """
+        found = self._task_key.get(task_id)
+        if found is None and isinstance(self._entries, JournalEntries) and not self._all_tasks:
+            self._all_tasks = True
+            for key, entry in self._entries.items():
+                if entry.task_id and key in self.position:
+                    self._task_key.setdefault(entry.task_id, key)
+            found = self._task_key.get(task_id)
+        return found
 
     def touch(self, keys: Iterable[str], entries: Mapping[str, JournalEntry]) -> None:
         """Reclassify the specs of ``keys`` (records about them were just folded into ``entries``)."""

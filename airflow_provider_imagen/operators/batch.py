@@ -10,7 +10,7 @@ module adapts it to Airflow (deferral, XCom, Asset events, failure policy).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -325,7 +325,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         outcome: PollOutcome | None,
         *,
         client: Any,
-        entries: dict[str, Any] | None = None,
+        entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
@@ -389,46 +389,41 @@ class ImagenBatchGenerateOperator(BaseOperator):
     ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.manifest import (
             RunIdentity,
-            manifest_counts,
-            manifest_credits,
             manifest_path,
             manifest_row,
-            merge_rows,
-            write_manifest,
+            write_manifest_stream,
         )
 
         entries = journal.load()
         identity = RunIdentity.from_context(context)
-        rows = []
         left_unsent = 0
-        for spec in specs:
-            status, reason = finish.overrides.get(spec.key, (None, None))
-            entry = entries.get(spec.key)
-            if (
-                status is None
-                and spec.valid
-                and entry is not None
-                and entry.matches(spec.digest)
-                and entry.task_id is None
-                and not entry.unknown_submit
-            ):
-                # An older try (fenced off) journalled it "not sent" after this try's last pass.
-                status, reason = NOT_SUBMITTED, "not sent: an older try of this task stopped before it"
-                left_unsent += 1
-            rows.append(
-                manifest_row(
-                    spec,
-                    entry,
-                    identity=identity,
-                    override_status=status,
-                    override_reason=reason,
+
+        def rows() -> Iterator[dict[str, Any]]:
+            # Streamed: the writer holds one row group of dicts at a time, not the whole run's.
+            nonlocal left_unsent
+            for spec in specs:
+                status, reason = finish.overrides.get(spec.key, (None, None))
+                entry = entries.get(spec.key)
+                if (
+                    status is None
+                    and spec.valid
+                    and entry is not None
+                    and entry.matches(spec.digest)
+                    and entry.task_id is None
+                    and not entry.unknown_submit
+                ):
+                    # An older try (fenced off) journalled it "not sent" after this try's last pass.
+                    status, reason = NOT_SUBMITTED, "not sent: an older try of this task stopped before it"
+                    left_unsent += 1
+                yield manifest_row(
+                    spec, entry, identity=identity, override_status=status, override_reason=reason
                 )
-            )
-        dest = manifest_path(self.output_path, identity=identity)
-        merged = merge_rows(rows, dest)
-        uri = write_manifest(merged, dest)
-        counts = {k: v for k, v in manifest_counts(merged).items() if v}
-        credits = manifest_credits(merged)
+
+        written = write_manifest_stream(rows(), manifest_path(self.output_path, identity=identity))
+        uri = written.uri
+        counts = {k: v for k, v in written.counts.items() if v}
+        credits = written.credits
+        kept_rows = written.counts["total"] - written.written
         this_try = _this_try(specs, entries, clock.started_at)
         result = {"manifest_uri": uri, "counts": counts, "credits": credits, "this_try": this_try}
         self.log.info(
@@ -444,9 +439,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             ", ".join(f"{k} {v}" for k, v in counts.items()),
             credits,
             credits_to_usd(credits),
-            f"; {len(merged) - len(rows)} row(s) kept from an earlier manifest of this run"
-            if len(merged) > len(rows)
-            else "",
+            f"; {kept_rows} row(s) kept from an earlier manifest of this run" if kept_rows else "",
             f"; stopped early: {finish.stopped}" if finish.stopped else "",
         )
         for outlet in self.outlets:
@@ -608,7 +601,7 @@ def _this_try(
     return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}
 
 
-def api_answer(entries: dict[str, Any], error: type[Exception]) -> str:
+def api_answer(entries: Mapping[str, Any], error: type[Exception]) -> str:
     """Return the API's own words for the first request it refused with ``error`` (code included)."""
     prefix = f"{error.__name__}: "
     for entry in entries.values():

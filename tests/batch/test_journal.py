@@ -62,25 +62,135 @@ def test_segments_are_ordered_by_sequence_not_by_the_clock(tmp_path: Path, monke
     assert int(segments(j)[-1].split("-")[0]) == 3
 
 
-def test_two_readers_compacting_at_once_never_double_a_record(tmp_path: Path) -> None:
-    """Both readers fold the same 30 segments and both write a snapshot before either deletes: a third
-    reader sees two snapshots and must count each ambiguous POST once."""
+def test_two_readers_compacting_at_once_never_double_a_record(tmp_path: Path, monkeypatch) -> None:
+    """A second reader compacts the same segments while the first is about to write its snapshot:
+    both snapshots hold the same segments, and each ambiguous POST still counts once."""
+    from airflow_provider_imagen.batch import journal as module
+
     j = journal(tmp_path, compact_over=10)
     for i in range(15):
         key = f"k{i}|1:1|v0"
         j.append([new_record("intent", key, a=f"a{i}")])
         j.append([new_record("ambiguous", key, a=f"a{i}", reason="502 after sending")])
-    first, second = journal(tmp_path, compact_over=10), journal(tmp_path, compact_over=10)
-    texts = [(p, p.read_text()) for p in sorted(first.path.iterdir(), key=lambda p: p.name)]
-    first._compact(list(texts))  # writes its snapshot, deletes the segments
-    second._compact(list(texts))  # had read the same segments: a second snapshot of the same records
-    assert len(segments(j)) == 2
+    real = module.write_whole
+    nested: list[int] = []
+
+    def the_other_compacts_first(dest, data):  # type: ignore[no-untyped-def]
+        if dest.name.endswith(".arrow") and not nested:
+            nested.append(1)
+            journal(tmp_path, compact_over=10).load()  # compacts and deletes the same segments first
+        real(dest, data)
+
+    monkeypatch.setattr(module, "write_whole", the_other_compacts_first)
+    j.load()
+    monkeypatch.setattr(module, "write_whole", real)
+    assert [n.endswith(".arrow") for n in segments(j)] == [True, True]
     entries = journal(tmp_path).load()
+    assert len(entries) == 15
     assert all(e.ambiguous_count == 1 and e.charged_submits == 1 for e in entries.values())
-    # A snapshot of the snapshots folds the same way.
-    again = journal(tmp_path, compact_over=1).load()
-    assert len(segments(j)) == 1
-    assert all(e.ambiguous_count == 1 for e in again.values()) and len(again) == 15
+    j.append([new_record("terminal", "k0|1:1|v0", task_id="t0", status="failed")])
+    journal(tmp_path, compact_over=1).load()  # a later level over both
+    later = journal(tmp_path).load()
+    assert all(e.ambiguous_count == 1 for e in later.values()) and len(later) == 15
+
+
+def test_a_crash_between_the_snapshot_and_the_deletes_leaves_nothing_counted_twice(tmp_path: Path) -> None:
+    from pathlib import Path as P
+
+    j = journal(tmp_path, compact_over=10)
+    for i in range(12):
+        j.append([new_record("intent", f"k{i}|1:1|v0", a=f"a{i}")])
+    kept = {name: (P(j.path.path) / name).read_bytes() for name in segments(j)}
+    j.load()  # snapshot written, segments deleted: put them back as a crash before the deletes would
+    for name, data in kept.items():
+        (P(j.path.path) / name).write_bytes(data)
+    again = journal(tmp_path, compact_over=100).load()
+    assert len(again) == 12 and all(len(e.attempts) == 1 for e in again.values())
+    # The next compaction deletes what the snapshot holds and still counts each intent once.
+    j.append([new_record("intent", "k0|1:1|v0", a="b0")])
+    journal(tmp_path, compact_over=1).load()
+    assert all(n.endswith(".arrow") for n in segments(j))
+    final = journal(tmp_path).load()
+    assert len(final["k0|1:1|v0"].attempts) == 2 and len(final["k1|1:1|v0"].attempts) == 1
+
+
+def test_a_journal_compacted_by_the_record_format_still_loads_and_migrates(tmp_path: Path) -> None:
+    """Journals written before state snapshots: plain segments and record snapshots (a ``_holds``
+    header, then the records of the segments they replaced, those segments possibly still there)."""
+    import json
+    from pathlib import Path as P
+
+    j = journal(tmp_path)
+    folder = P(j.path.path)
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(5):
+        key = f"k{i}|1:1|v0"
+        lines += [
+            {"e": "intent", "k": key, "ts": 1.0, "a": f"a{i}", "d": f"d{i}"},
+            {"e": "submitted", "k": key, "ts": 2.0, "a": f"a{i}", "task_id": f"t{i}"},
+        ]
+    body = "".join(json.dumps(r) + "\n" for r in lines)
+    old = f"{2:020d}-w-aaaaaaaa.jsonl"
+    (folder / f"{1:020d}-w-bbbbbbbb.jsonl").write_text(json.dumps(lines[0]) + "\n")  # held, left behind
+    header = json.dumps({"e": "_holds", "names": [f"{1:020d}-w-bbbbbbbb.jsonl", old]}, separators=(",", ":"))
+    (folder / f"{2:020d}-w-aaaaaaaa~cccccccc.jsonl").write_text(header + "\n" + body)
+    (folder / f"{3:020d}-w-dddddddd.jsonl").write_text(
+        json.dumps({"e": "terminal", "k": "k0|1:1|v0", "ts": 3.0, "task_id": "t0", "status": "completed"})
+        + "\n"
+    )
+    before = journal(tmp_path).load()
+    assert {k: (e.task_id, e.status, len(e.attempts)) for k, e in before.items()} == {
+        f"k{i}|1:1|v0": (f"t{i}", "completed" if i == 0 else None, 1) for i in range(5)
+    }
+    journal(tmp_path, compact_over=1).load()  # the first compaction writes the new format
+    assert [n.endswith(".arrow") for n in segments(j)] == [True]
+    after = journal(tmp_path).load()
+    assert {k: e.__dict__ for k, e in after.items()} == {k: e.__dict__ for k, e in before.items()}
+
+
+def _run(j: Journal, rows: int, window: int = 50, digest: str = "d") -> None:
+    """Journal a run as the engine does: a window's intents, submits, ends and mirrors per pass."""
+    for start in range(0, rows, window):
+        keys = [f"p{i}|1:1|v0" for i in range(start, min(rows, start + window))]
+        j.append([new_record("intent", k, a="a", d=digest) for k in keys])
+        j.append([new_record("submitted", k, a="a", task_id=f"t{k}") for k in keys])
+        j.append([new_record("terminal", k, task_id=f"t{k}", status="completed") for k in keys])
+        j.append([new_record("mirrored", k, task_id=f"t{k}", image={"uri": "u"}) for k in keys])
+        if j.appended > j.compact_over:
+            j.load()
+
+
+def test_compaction_writes_rows_in_proportion_to_the_records_not_the_square(tmp_path: Path) -> None:
+    """Rows written by every compaction of a run, per key, stay bounded as the run grows."""
+    per_key = {}
+    for rows in (1_000, 20_000):
+        j = journal(tmp_path / str(rows), compact_over=20)
+        _run(j, rows)
+        per_key[rows] = j.compacted_rows / rows
+    # A key is rewritten once per doubling of the levels (log2 of 20,000 / 1,000 is 4.3), not N times.
+    assert per_key[20_000] <= per_key[1_000] + 5, per_key
+
+
+def test_a_resume_builds_only_the_entries_it_uses(tmp_path: Path) -> None:
+    """Entries come from the snapshot only when read: a window index over a finished run reads none
+    of the settled keys; the records read are the segments after the last compaction."""
+    from airflow_provider_imagen.batch.specs import expand_specs
+    from airflow_provider_imagen.batch.window import WindowIndex
+
+    counts = {}
+    for rows in (1_000, 20_000):
+        table = [{"prompt_id": f"p{i}", "prompt": "a lighthouse", "size": "1:1"} for i in range(rows)]
+        specs = expand_specs(table)
+        j = journal(tmp_path / str(rows), compact_over=20)
+        _run(j, rows, digest=specs[0].digest or "")  # one prompt: every row's request has one digest
+        journal(tmp_path / str(rows), compact_over=0).load()  # a last compaction, as at a pass's end
+        j2 = journal(tmp_path / str(rows))
+        j2.append([new_record("timeout", "p0|1:1|v0", task_id="tp0|1:1|v0")])  # one record after it
+        entries = j2.load()
+        index = WindowIndex(specs, entries)
+        counts[rows] = (entries.materialized, index.plan(max_in_flight=10).done)
+    assert counts[1_000] == (1, 1_000) and counts[20_000] == (1, 20_000)
 
 
 def test_a_local_segment_is_fsynced_with_its_folder(tmp_path: Path, monkeypatch) -> None:

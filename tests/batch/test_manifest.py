@@ -449,3 +449,41 @@ class TestMerge:
         edited = frame[frame["prompt_id"] == "q3"].iloc[0]
         assert (edited["prompt"], edited["sha256"]) == ("prompt 3, edited", "new")
         assert merge_rows([row("a", "p", "s")], str(tmp_path / "absent.parquet")) == [row("a", "p", "s")]
+
+
+def test_a_streamed_manifest_is_the_merged_manifest_written_whole(tmp_path) -> None:
+    """Row groups of 3, over an earlier manifest of the same run: the same rows, counts and credits as
+    ``merge_rows`` then ``write_manifest``, and the earlier rows not replaced are kept."""
+    import pyarrow.parquet as pq
+
+    from airflow_provider_imagen.batch.manifest import (
+        manifest_counts,
+        manifest_credits,
+        merge_rows,
+        write_manifest,
+        write_manifest_stream,
+    )
+
+    def row(i: int, status: str, credits: int) -> dict:
+        return {
+            "prompt_id": f"p{i}",
+            "variation": 0,
+            "size": "1:1",
+            "status": status,
+            "credits": credits,
+            "row": i,
+        }
+
+    earlier = [row(i, "timeout", 46) for i in range(10)]
+    now = [row(i, "completed", 46) for i in range(3, 10)] + [row(i, "invalid", 0) for i in range(10, 14)]
+    write_manifest(earlier, tmp_path / "a.parquet")
+    write_manifest(earlier, tmp_path / "b.parquet")
+    expected = merge_rows(now, tmp_path / "a.parquet")
+    write_manifest(expected, tmp_path / "a.parquet")
+    written = write_manifest_stream(iter(now), tmp_path / "b.parquet", chunk=3)
+    assert (
+        pq.read_table(tmp_path / "b.parquet").to_pylist() == pq.read_table(tmp_path / "a.parquet").to_pylist()
+    )
+    assert written.counts == manifest_counts(expected) and written.credits == manifest_credits(expected)
+    assert written.written == len(now) and written.counts["total"] == 14
+    assert pq.ParquetFile(tmp_path / "b.parquet").metadata.num_row_groups >= 3
