@@ -69,13 +69,14 @@ def get_provider_info() -> dict[str, Any]:
                     "min_deferral_seconds": {
                         "description": "Seconds a deferral of an Imagen operator lasts at least: a "
                         "trigger whose condition is met sooner holds its event until then. A resume "
-                        "within moments of the deferral can be failed by the scheduler, which handles "
-                        "the deferring process's exit late (a stale success). Raise it where scheduler "
-                        "loops are slow; 0 turns the hold off.",
+                        "before the scheduler has heard of the deferring process's exit is failed by "
+                        "it (a stale success); a worker's supervisor may take up to "
+                        "[workers] min_heartbeat_interval to notice that exit. Unset: that interval "
+                        "plus 2 s (7 s with Airflow's defaults). 0 turns the hold off.",
                         "version_added": "0.2.0",
                         "type": "float",
-                        "example": "5",
-                        "default": "3",
+                        "example": "3",
+                        "default": None,
                     },
                     "ui_enabled": {
                         "description": "Serve the Imagen gallery and spend pages in Airflow's UI (the "

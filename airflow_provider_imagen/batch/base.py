@@ -57,8 +57,9 @@ class BatchSettings:
     #: worker slot), ``False`` defers between refills, ``None`` decides from the render time
     #: (:func:`airflow_provider_imagen.batch.window.streams_on_worker`).
     refill_on_worker: bool | None = None
-    #: Seconds a deferral lasts at least (``[imagen] min_deferral_seconds``; the trigger holds its event).
-    min_deferral: float = 3.0
+    #: Seconds a deferral lasts at least (the trigger holds its event; the operator sets it from the
+    #: deployment: :func:`airflow_provider_imagen.triggers.imagen.min_deferral_seconds`).
+    min_deferral: float = 7.0
     #: Seconds after its submit at which a task is first polled (the poll schedule's first poll).
     expected_render: float = 10.0
     #: First interval between polls of an overdue task (the poll schedule's; grows by 1.5×).

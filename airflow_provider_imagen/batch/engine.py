@@ -190,6 +190,7 @@ class BatchPass:
                 linger=self.settings.linger,
                 refillable=refillable,
                 stream=self.streams,
+                min_deferral=self.settings.min_deferral,
                 now=now,
                 deadline=self.clock.deadline,
             )

@@ -413,6 +413,7 @@ def linger_for(
     stream: bool,
     now: float,
     deadline: float,
+    min_deferral: float = 0.0,
 ) -> float | None:
     """Return how long to wait on the worker for the next task to end, or ``None`` to defer.
 
@@ -421,14 +422,15 @@ def linger_for(
     worker for every end and refills its place at once, unless the next poll that can find an end is
     more than a render away (an API far slower than expected); otherwise it defers and comes back for a
     share of the window. With nothing left to send, it waits on the worker only when that poll is due
-    within ``linger`` seconds.
+    within ``linger`` seconds, or before a deferral could end anyway (``min_deferral``).
 
     :param submitted_at: task id → submit time (epoch seconds) of the tasks in flight.
     :param linger: the operator's ``linger``; ``0`` always defers.
+    :param min_deferral: seconds a deferral lasts at least (the trigger holds an earlier event).
     """
     if linger <= 0 or not submitted_at or (refillable and not stream):
         return None
     wait = max(next_visible_end(submitted_at, schedule, now=now) - now, 0.0)
-    if wait > linger + (schedule.expected_render if refillable else 0.0):
+    if wait > (linger + schedule.expected_render if refillable else max(linger, min_deferral)):
         return None
     return min(wait + linger, max(deadline - now, 0.0))

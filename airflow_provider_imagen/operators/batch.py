@@ -101,7 +101,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         if lower), doubles per round of submits the API accepts until its first 429, then halves on each
         429 and grows by one per accepted round: batches sharing an account find its capacity.
     :param refill_fraction: when a wait with rows still to send is deferred, come back to refill once
-        this share of the window has ended (and the deferral has lasted ``[imagen] min_deferral_seconds``).
+        this share of the window has ended (and the deferral has lasted ``min_deferral``).
     :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers; its 429s
         shrink the window either way).
     :param timeout: seconds for the whole try; tasks still rendering then are ``timeout`` in the
@@ -120,12 +120,11 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param refill_on_worker: while rows wait for room in the window: ``True`` stays on the worker and
         refills each place as it frees (fastest; holds a worker slot for the whole stream), ``False``
         defers between refills (the slot is free while tasks render), ``None`` decides from
-        ``expected_render``: defer when renders last at least twice a deferral round trip (9 s with
-        the default ``[imagen] min_deferral_seconds``), stream when they are shorter. Ignored when
-        ``linger=0``.
+        ``expected_render``: defer when renders last at least twice a deferral round trip
+        (``min_deferral`` + 1.5 s), stream when they are shorter. Ignored when ``linger=0``.
     :param min_deferral: seconds each deferral lasts at least (``None``: ``[imagen]
-        min_deferral_seconds``, 3 by default). A resume within moments of the deferral can be failed by
-        Airflow's scheduler, which handles the deferring process's exit late (a stale success).
+        min_deferral_seconds``, else ``[workers] min_heartbeat_interval`` + 2 s). A resume before the
+        scheduler has heard of the deferring process's exit is failed by it (a stale success).
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
@@ -238,7 +237,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
     def _check_rendered(self) -> None:
         """Check the templated arguments (rendered, or as given when ``execute`` is called directly).
 
-        Also takes the deployment's ``[imagen] min_deferral_seconds``, read where the task runs.
+        Also takes the deferral hold of the deployment (see ``min_deferral``), read where the task runs.
         """
         settle = min_deferral_seconds() if self.min_deferral is None else self.min_deferral
         if settle != self.settings.min_deferral:

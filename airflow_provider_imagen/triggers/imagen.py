@@ -34,19 +34,27 @@ CLASSPATH: Final = "airflow_provider_imagen.triggers.imagen.ImagenTaskTrigger"
 #: (absolute) deadline and says so in an event; Airflow's own deferral timeout runs neither
 #: ``execute_complete`` nor ``on_kill``, so it is only a safety net for a triggerer that never answers.
 DEFERRAL_SAFETY_MARGIN: Final = timedelta(minutes=10)
-#: Seconds a deferral lasts at least unless ``[imagen] min_deferral_seconds`` says otherwise. The
-#: deferring process's "success" reaches the scheduler a moment after it exits (a scheduler loop or two);
-#: a resumed try already running by then is failed as "killed externally". Airflow 3.3 guards a resumed
-#: task only while it is still ``scheduled``, so the event itself waits out that moment.
-DEFAULT_MIN_DEFERRAL: Final = 3.0
+#: Seconds a deferral lasts beyond the deployment's ``[workers] min_heartbeat_interval``, unless
+#: ``[imagen] min_deferral_seconds`` says otherwise. The deferring process's "success" reaches the scheduler
+#: only when its supervisor sees it exit, which can take up to one supervisor wait (the heartbeat
+#: interval: 5 s by default), then a scheduler loop; a resumed try already queued or running by then is
+#: failed as "killed externally" (Airflow 3.3 guards a resumed task only while it is ``scheduled``).
+SCHEDULER_MARGIN: Final = 2.0
 #: Deadlines before this (2001-09-09) are surely relative seconds, not epoch seconds: refuse them.
 _EPOCH_FLOOR: Final = 1_000_000_000.0
 _DEFAULTS: Final = PollSchedule()
 
 
 def min_deferral_seconds() -> float:
-    """Return this deployment's ``[imagen] min_deferral_seconds`` (see :func:`resume_not_before`)."""
-    return max(conf.getfloat("imagen", "min_deferral_seconds", fallback=DEFAULT_MIN_DEFERRAL), 0.0)
+    """Return how long this deployment's deferrals last at least (see :func:`resume_not_before`).
+
+    ``[imagen] min_deferral_seconds`` if set, else the supervisor's longest wait to notice a process
+    exit (``[workers] min_heartbeat_interval``) plus :data:`SCHEDULER_MARGIN`: 7 s with Airflow's defaults.
+    """
+    configured = conf.get("imagen", "min_deferral_seconds", fallback=None)
+    if configured not in (None, ""):
+        return max(float(configured), 0.0)
+    return conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0) + SCHEDULER_MARGIN
 
 
 def resume_not_before(settle: float | None = None, *, now: float | None = None) -> float:
@@ -54,9 +62,8 @@ def resume_not_before(settle: float | None = None, *, now: float | None = None) 
 
     Airflow's stale-success race (apache/airflow#72716): when a trigger fires within moments of the
     deferral, the resumed try can be running before the scheduler has handled the deferring process's
-    exit, and the scheduler then fails it. Holding every event until ``[imagen] min_deferral_seconds``
-    after the deferral closes that window without spending a retry. Raise it where the scheduler's loop
-    is slow (a loaded or distributed deployment); 0 turns the hold off. ``settle`` overrides it.
+    exit, and the scheduler then fails it. Holding every event until :func:`min_deferral_seconds` after
+    the deferral closes that window without spending a retry. ``settle`` overrides it.
     """
     settle = min_deferral_seconds() if settle is None else max(settle, 0.0)
     return (time.time() if now is None else now) + settle

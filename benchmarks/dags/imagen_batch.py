@@ -38,6 +38,8 @@ for window in WINDOWS:
             # Seconds the worker may wait for completions instead of deferring (the operator's default
             # is 5); IMAGEN_BENCH_LINGER trades worker-slot time for throughput.
             linger=float(os.environ.get("IMAGEN_BENCH_LINGER", "5")),
+            # IMAGEN_BENCH_REFILL: "1" refills on the worker, "0" defers between refills, unset decides.
+            refill_on_worker={"1": True, "0": False}.get(os.environ.get("IMAGEN_BENCH_REFILL", "")),
             progress_interval=10.0,
         )
 

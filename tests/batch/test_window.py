@@ -49,6 +49,17 @@ def test_a_batch_that_does_not_stream_defers_while_rows_wait_however_soon_the_ne
     assert decide({"a": NOW - 9}, refillable=False, stream=False) == pytest.approx(1.0 + 5.0)
 
 
+def test_with_nothing_left_to_send_an_end_due_before_a_deferral_could_end_is_awaited_on_the_worker() -> None:
+    """A deferral lasts at least ``min_deferral`` (7 s): an end 6 s away is awaited here, not deferred for."""
+    submitted = {"a": NOW - 4}
+    assert decide(submitted, refillable=False) is None  # 6 s > linger, no hold: defer
+    waited = linger_for(
+        submitted, SCHEDULE, linger=5.0, refillable=False, stream=False, now=NOW, deadline=NOW + 3600,
+        min_deferral=7.0,
+    )  # fmt: skip
+    assert waited == pytest.approx(6.0 + 5.0)
+
+
 def test_renders_shorter_than_two_deferral_round_trips_stream_on_the_worker() -> None:
     """A round trip is ``min_deferral`` plus ~1.5 s of resume: 4.5 s at the default 3 s."""
     assert not streams_on_worker(SCHEDULE, linger=5.0, min_deferral=3.0)  # 10 s renders: defer

@@ -202,13 +202,19 @@ class TestRestartsAndTwins:
         assert time.time() - started < 1.0
 
     def test_resume_not_before_follows_the_configured_settle_time(self, monkeypatch: Any) -> None:
+        """The hold is the deployment's: ``[imagen] min_deferral_seconds``, else derived from how long
+        a worker's supervisor may take to notice a deferring process's exit."""
         monkeypatch.setenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS", "7.5")
         assert trigger_module.resume_not_before(now=100.0) == 107.5
         assert trigger_module.resume_not_before(1.0, now=100.0) == 101.0
         monkeypatch.setenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS", "0")
         assert trigger_module.resume_not_before(now=100.0) == 100.0
         monkeypatch.delenv("AIRFLOW__IMAGEN__MIN_DEFERRAL_SECONDS")
-        assert trigger_module.resume_not_before(now=100.0) == 100.0 + trigger_module.DEFAULT_MIN_DEFERRAL
+        # Unset: the supervisor's longest wait to notice an exit, plus a scheduler loop and a margin.
+        monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "5")
+        assert trigger_module.resume_not_before(now=100.0) == 107.0
+        monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "1")
+        assert trigger_module.resume_not_before(now=100.0) == 103.0
 
     def test_kwargs_are_json_scalars_and_old_kwargs_still_build(self, emulator: Any) -> None:
         trigger = make_trigger(["task_a", "task_b"], submitted_at=[1.7e9, None], fire_when_done=1)
