@@ -1,15 +1,19 @@
 """CPU and memory of what a resumed batch pass does before its first request, at growing table sizes.
 
-Each resume after a deferral is a new process: it reads the prompt table, expands it into specs, folds
-the journal and builds the window index. This builds, for each size, a prompt table on disk and the
-journal a finished run leaves (an intent, a submit, a terminal and a mirrored record for every row,
-appended a window at a time, with the compactions the operator triggers after ``compact_over``
-appends), then measures a resume in a fresh subprocess:
+Each resume after a deferral is a new process: it reads the prompt table, reads the specs the try's
+first pass cached beside the journal (expanding the table only if that cache is missing or stale), folds
+the journal and builds the window index. This builds, for each size, a prompt table on disk, the specs
+cache the first pass writes, and the journal a finished run leaves (an intent, a submit, a terminal and
+a mirrored record for every row, appended a window at a time, with the compactions the operator
+triggers after ``compact_over`` appends), then measures, each in a fresh subprocess, the two paths the
+operator takes: a first pass (``execute``: expand the table, write the cache) and a resume
+(``execute_complete``: read the cache):
 
     python -m benchmarks.resume_cost [--sizes 1000,10000,100000] [--window 100]
 
-It prints the CPU seconds of each step, the journal's bytes per row on disk, the bytes written by
-compactions over the whole build (per row), and the resident memory the resume added (per row).
+It prints the CPU seconds of each step, the journal's and the specs cache's bytes per row on disk, the
+bytes written by compactions over the whole build (per row), and the resident memory the pass added
+(per row).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def _written_by_compaction(journal: Any) -> list[int]:
 def build(folder: Path, rows: int, window: int) -> dict[str, Any]:
     """Write the table and the journal of a finished run of ``rows`` rows; return build figures."""
     from airflow_provider_imagen.batch.journal import Journal, new_record
+    from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs
     from airflow_provider_imagen.batch.specs import expand_specs
 
     table = pa.table(
@@ -67,6 +72,7 @@ def build(folder: Path, rows: int, window: int) -> dict[str, Any]:
     pq.write_table(table, folder / "prompts.parquet")
     specs = expand_specs(table)
     journal = Journal(folder / "journal", **_DAG)
+    cache_specs(table, journal.path / CACHE_FOLDER, specs)  # as the first pass does
     written = _written_by_compaction(journal)
     started = time.perf_counter()
     for start in range(0, rows, window):
@@ -110,18 +116,26 @@ def build(folder: Path, rows: int, window: int) -> dict[str, Any]:
         )
         if journal.appended > journal.compact_over:  # as the operator does between passes
             journal.load()
-    on_disk = sum(p.stat().st_size for p in (folder / "journal").rglob("*") if p.is_file())
+    cache = journal.path / CACHE_FOLDER
+    cache_bytes = sum(p.stat().st_size for p in cache.iterdir())
+    on_disk = sum(p.stat().st_size for p in (folder / "journal").rglob("*") if p.is_file()) - cache_bytes
     return {
         "build_s": time.perf_counter() - started,
         "journal_bytes": on_disk,
+        "cache_bytes": cache_bytes,
         "compaction_bytes": written[0],
     }
 
 
-def measure(folder: Path) -> dict[str, Any]:
-    """What a resume does, step by step, in this (fresh) process: CPU seconds and RSS growth."""
+def measure(folder: Path, mode: str) -> dict[str, Any]:
+    """What a pass does before its first request, step by step, in this (fresh) process.
+
+    ``mode`` is ``first`` (the try's first pass: expand the table and write the specs cache, as
+    ``execute`` does) or ``resume`` (a pass after a deferral: read the cache, as ``execute_complete``
+    does). Returns CPU seconds per step and the RSS growth.
+    """
     from airflow_provider_imagen.batch.journal import Journal
-    from airflow_provider_imagen.batch.specs import expand_specs
+    from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs, load_specs
     from airflow_provider_imagen.batch.table import load_prompt_table
     from airflow_provider_imagen.batch.window import WindowIndex
 
@@ -135,11 +149,14 @@ def measure(folder: Path) -> dict[str, Any]:
         out[name] = now - clock
         clock = now
 
+    journal = Journal(folder / "journal", **_DAG)
     table = load_prompt_table(str(folder / "prompts.parquet"))
     step("table_s")
-    specs = expand_specs(table)
+    cache = journal.path / CACHE_FOLDER
+    specs = load_specs(table, cache, reuse=mode == "resume", write=mode == "resume")
+    if mode == "first":
+        cache_specs(table, cache, specs)
     step("specs_s")
-    journal = Journal(folder / "journal", **_DAG)
     entries = journal.load()
     step("journal_s")
     index = WindowIndex(specs, entries)
@@ -147,6 +164,7 @@ def measure(folder: Path) -> dict[str, Any]:
     out["total_s"] = sum(out[k] for k in ("table_s", "specs_s", "journal_s", "index_s"))
     out["rss_bytes"] = _rss() - rss
     out["done"] = index.plan(max_in_flight=100).done
+    out["cached"] = type(specs).__name__ == "SpecTable"
     return out
 
 
@@ -155,13 +173,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the fresh subprocess's entry point
+    parser.add_argument("--mode", default="resume", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure))))
+        print(json.dumps(measure(Path(args.measure), args.mode)))
         return
     print(f"command: python -m benchmarks.resume_cost --sizes {args.sizes} --window {args.window}")
     header = (
         "rows",
+        "pass",
         "table s",
         "specs s",
         "journal s",
@@ -169,28 +189,49 @@ def main() -> None:
         "total s",
         "journal B/row",
         "compacted B/row",
+        "specs cache B/row",
         "RSS B/row",
     )
-    print("{:>8} {:>8} {:>8} {:>10} {:>8} {:>8} {:>14} {:>16} {:>10}".format(*header))
+    line = "{:>8} {:>7} {:>8} {:>8} {:>10} {:>8} {:>8} {:>14} {:>16} {:>18} {:>10}"
+    print(line.format(*header))
     for size in (int(s) for s in args.sizes.split(",")):
         folder = Path(tempfile.mkdtemp(prefix="resume_cost_"))
         try:
             built = build(folder, size, args.window)
-            answer = subprocess.run(
-                [sys.executable, "-m", "benchmarks.resume_cost", "--measure", str(folder)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            r = json.loads(answer.stdout.strip().splitlines()[-1])
-            assert r["done"] == size, r
-            print(
-                f"{size:>8,} {r['table_s']:>8.3f} {r['specs_s']:>8.3f} {r['journal_s']:>10.3f} "
-                f"{r['index_s']:>8.3f} "
-                f"{r['total_s']:>8.3f} {built['journal_bytes'] / size:>14,.0f} "
-                f"{built['compaction_bytes'] / size:>16,.0f} {r['rss_bytes'] / size:>10,.0f}",
-                flush=True,
-            )
+            for mode in ("first", "resume"):
+                answer = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.resume_cost",
+                        "--measure",
+                        str(folder),
+                        "--mode",
+                        mode,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                r = json.loads(answer.stdout.strip().splitlines()[-1])
+                assert r["done"] == size, r
+                assert r["cached"] == (mode == "resume"), r
+                print(
+                    line.format(
+                        f"{size:,}",
+                        mode,
+                        f"{r['table_s']:.3f}",
+                        f"{r['specs_s']:.3f}",
+                        f"{r['journal_s']:.3f}",
+                        f"{r['index_s']:.3f}",
+                        f"{r['total_s']:.3f}",
+                        f"{built['journal_bytes'] / size:,.0f}",
+                        f"{built['compaction_bytes'] / size:,.0f}",
+                        f"{built['cache_bytes'] / size:,.0f}",
+                        f"{r['rss_bytes'] / size:,.0f}",
+                    ),
+                    flush=True,
+                )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

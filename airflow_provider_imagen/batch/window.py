@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, Literal, cast
 
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntries, JournalEntry
+from airflow_provider_imagen.batch.spec_cache import spec_columns
 from airflow_provider_imagen.polling.outcome import ENDED_STATUSES
 from airflow_provider_imagen.polling.schedule import PollSchedule, next_visible_end
 
@@ -167,9 +168,13 @@ class _Rules:
 
     def classify(self, spec: ImageSpec, entry: JournalEntry | None) -> Category:
         """Return where ``spec`` stands, from its journal entry alone."""
-        if not spec.valid:
+        return self.classify_row(spec.valid, spec.digest, entry)
+
+    def classify_row(self, valid: bool, digest: str | None, entry: JournalEntry | None) -> Category:
+        """Return where a spec stands from its validity and digest (no spec needs to be built)."""
+        if not valid:
             return INVALID
-        if entry is None or not entry.matches(spec.digest):
+        if entry is None or not entry.matches(digest):
             # Nothing sent yet, or the request changed since it was paid for (an edited prompt): the
             # old task's image is not this request's, so it is sent anew; its cost stays committed.
             return UNSENT
@@ -229,7 +234,10 @@ class WindowIndex:
         retry_rejected_before: float | None = None,
     ) -> None:
         self.specs = specs
-        self.position = {spec.key: i for i, spec in enumerate(specs)}
+        # Specs read from the cache give these as columns: a resume builds no spec it does not use.
+        keys, digests, valid = spec_columns(specs)
+        self._keys, self._digests, self._valid = keys, digests, valid
+        self.position = {key: i for i, key in enumerate(keys)}
         self._rules = _Rules(resubmit_unknown, retry_mirror_after, retry_rejected_before)
         self._category: list[Category] = []
         self._charge: list[int] = []
@@ -249,9 +257,9 @@ class WindowIndex:
         #: Settled keys whose entries were not read (their task ids are looked up only when asked).
         self._entries = entries
         settled = entries.settled if isinstance(entries, JournalEntries) else None
-        for i, spec in enumerate(specs):
-            if settled is not None and spec.valid:
-                known = settled(spec.key, spec.digest)
+        for i, key in enumerate(keys):
+            if settled is not None and valid[i]:
+                known = settled(key, digests[i])
                 if known is not None:
                     # Ended and nothing left to do: no rule of this try changes it, so its entry (one of
                     # the 10^5 a resume would otherwise build) stays unread.
@@ -261,8 +269,8 @@ class WindowIndex:
                     self.committed += CREDITS_PER_IMAGE * charged
                     self._counts[category] += 1
                     continue
-            entry = entries.get(spec.key)
-            category = self._rules.classify(spec, entry)
+            entry = entries.get(key)
+            category = self._rules.classify_row(valid[i], digests[i], entry)
             self._category.append(category)
             self._charge.append(_charged(entry))
             self._add(i, category, entry)
@@ -292,7 +300,7 @@ class WindowIndex:
             entry = entries.get(key)
             self._remove(i, self._category[i])
             self.committed -= self._charge[i]
-            category = self._rules.classify(self.specs[i], entry)
+            category = self._rules.classify_row(self._valid[i], self._digests[i], entry)
             self._category[i] = category
             self._charge[i] = _charged(entry)
             self._add(i, category, entry)
@@ -309,9 +317,9 @@ class WindowIndex:
         plan = WindowPlan(
             total=len(self.specs),
             in_flight=dict(self.in_flight),
-            to_mirror=[self.specs[i].key for i in sorted(self._sets[TO_MIRROR])],
-            unknown=[self.specs[i].key for i in sorted(self._sets[UNKNOWN])],
-            rejected=[self.specs[i].key for i in sorted(self._sets[REJECTED])],
+            to_mirror=[self._keys[i] for i in sorted(self._sets[TO_MIRROR])],
+            unknown=[self._keys[i] for i in sorted(self._sets[UNKNOWN])],
+            rejected=[self._keys[i] for i in sorted(self._sets[REJECTED])],
             committed=self.committed,
             failed=self._counts[FAILED],
             moderated=self._counts[MODERATED],
@@ -332,7 +340,7 @@ class WindowIndex:
 
     def waiting(self) -> list[ImageSpec]:
         """Return every unsent spec, in table order (O(rows): for the end of a run)."""
-        return [spec for spec, category in zip(self.specs, self._category, strict=True) if category == UNSENT]
+        return [self.specs[i] for i, category in enumerate(self._category) if category == UNSENT]
 
     def _unsent(self, limit: int) -> list[ImageSpec]:
         """Return up to ``limit`` unsent specs, in table order."""
@@ -361,9 +369,9 @@ class WindowIndex:
         ):
             self.stopping = entry.rejected_kind  # type: ignore[assignment]
         if entry is not None and entry.task_id:
-            self._task_key[entry.task_id] = self.specs[i].key
+            self._task_key[entry.task_id] = self._keys[i]
         if category == IN_FLIGHT:
-            self.in_flight[self.specs[i].key] = entry.task_id  # type: ignore[union-attr,assignment]
+            self.in_flight[self._keys[i]] = entry.task_id  # type: ignore[union-attr,assignment]
         elif category in self._sets:
             self._sets[category].add(i)
         else:
@@ -371,7 +379,7 @@ class WindowIndex:
 
     def _remove(self, i: int, category: Category) -> None:
         if category == IN_FLIGHT:
-            self.in_flight.pop(self.specs[i].key, None)
+            self.in_flight.pop(self._keys[i], None)
         elif category in self._sets:
             self._sets[category].discard(i)
         else:

@@ -42,6 +42,7 @@ from airflow_provider_imagen.batch.journal import (
     resolve_journal_root,
 )
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
+from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs
 from airflow_provider_imagen.batch.status import NOT_SUBMITTED
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_imagen.batch.specs import ImageSpec
+    from airflow_provider_imagen.batch.table import Table
 
 OnInvalid = Literal["record", "fail"]
 
@@ -252,18 +254,22 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self._check_rendered()
-        specs = self._specs()
+        journal = self._journal(context)
+        table = self._table()
+        specs = self._specs(table, journal, reuse=False)
         now = time.time()
         clock = RunClock(started_at=now, deadline=now + self.timeout, budget=self.settings.max_credits)
         client = self._client()
         balance = self._preflight(context, specs, clock, client)
-        journal = self._journal(context)
         # Claim the journal before reading it: an older try that is still alive (a zombie, or a hand-run
         # ``airflow tasks test``) stops before its next POST, and every intent it journalled before that
         # check is in the read below, so this try never sends the same row again.
         clock.epoch = journal.claim(
             try_owner(context), try_number=getattr(context["ti"], "try_number", None)
         ).epoch
+        # Resumes read the specs back instead of expanding the table again (written once this try will
+        # pay: a try that fails its checks leaves no journal folder).
+        cache_specs(table, journal.path / CACHE_FOLDER, specs, **self._expansion())
         entries = journal.load()
         if self.check_balance and balance is not None:
             clock.budget = budget_with_balance(clock.budget, balance=balance, entries=entries)
@@ -302,7 +308,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
         resumed = {"progress_at": progress_at, "epoch": lease.epoch, "window": window, "threshold": threshold}
         clock = RunClock(**{**clocks[lease.epoch], **resumed})
         return self._run(
-            context, journal, self._specs(), clock, outcome, client=self._client(), entries=entries
+            context,
+            journal,
+            self._specs(self._table(), journal, reuse=True),
+            clock,
+            outcome,
+            client=self._client(),
+            entries=entries,
         )
 
     def on_kill(self) -> None:
@@ -319,7 +331,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         self,
         context: Context,
         journal: Journal,
-        specs: list[ImageSpec],
+        specs: Sequence[ImageSpec],
         clock: RunClock,
         outcome: PollOutcome | None,
         *,
@@ -384,7 +396,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             sweep = False
 
     def _finish(
-        self, context: Context, specs: list[ImageSpec], journal: Journal, finish: Finish, clock: RunClock
+        self, context: Context, specs: Sequence[ImageSpec], journal: Journal, finish: Finish, clock: RunClock
     ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.manifest import (
             RunIdentity,
@@ -494,44 +506,63 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    def _specs(self) -> list[ImageSpec]:
-        from airflow_provider_imagen.batch.specs import (
-            expand_specs,
-            raise_if_invalid,
-            raise_if_none_valid,
-            summarize_invalid,
-        )
+    def _table(self) -> Table:
+        """Return the prompt table, read with pyarrow (pandas only for a DataFrame given)."""
         from airflow_provider_imagen.batch.table import load_prompt_table
 
         try:
-            table = load_prompt_table(
+            return load_prompt_table(
                 self.prompts,
                 id_column=self.id_column,
                 prompt_column=self.prompt_column,
                 size_column=self.size_column,
             )
-            specs = expand_specs(
-                table,
-                id_column=self.id_column,
-                prompt_column=self.prompt_column,
-                size_column=self.size_column,
-                sizes=self.sizes,
-                default_size=self.default_size,
-                variations=self.variations,
+        except ImagenInputError as exc:
+            raise AirflowFailException(f"invalid prompt table, nothing was submitted: {exc}") from exc
+
+    def _expansion(self) -> dict[str, Any]:
+        """Return the arguments that decide how the table expands into specs."""
+        return {
+            "id_column": self.id_column,
+            "prompt_column": self.prompt_column,
+            "size_column": self.size_column,
+            "sizes": self.sizes,
+            "default_size": self.default_size,
+            "variations": self.variations,
+        }
+
+    def _specs(self, table: Table, journal: Journal, *, reuse: bool) -> Sequence[ImageSpec]:
+        """Return the try's specs: expanded on its first pass, read back from the cache on a resume.
+
+        A resume (a new process after each deferral) reads what the first pass cached beside the
+        journal, keyed by the table's content and every expansion argument; a changed table or argument
+        is another key, so it expands again (and caches that).
+        """
+        from airflow_provider_imagen.batch.spec_cache import invalid_specs, load_specs
+        from airflow_provider_imagen.batch.specs import (
+            raise_if_invalid,
+            raise_if_none_valid,
+            summarize_invalid,
+        )
+
+        try:
+            specs = load_specs(
+                table, journal.path / CACHE_FOLDER, reuse=reuse, write=reuse, **self._expansion()
             )
+            invalid = invalid_specs(specs)
             if self.on_invalid == "fail":
-                raise_if_invalid(specs)
-            if self.fail_when_all_invalid:
-                raise_if_none_valid(specs)
+                raise_if_invalid(invalid)
+            if self.fail_when_all_invalid and len(invalid) == len(specs):
+                raise_if_none_valid(invalid)
         except ImagenInputError as exc:
             # Bad input does not improve on retry, and nothing was paid: fail now, without retries.
             raise AirflowFailException(f"invalid prompt table, nothing was submitted: {exc}") from exc
-        if any(not s.valid for s in specs):
-            self.log.warning("%s", summarize_invalid(specs))
+        if invalid:
+            self.log.warning("%s", summarize_invalid(invalid))
         return specs
 
     def _preflight(
-        self, context: Context, specs: list[ImageSpec], clock: RunClock, client: Any
+        self, context: Context, specs: Sequence[ImageSpec], clock: RunClock, client: Any
     ) -> int | None:
         """Free checks before the first POST: the output and journal are writable, the account can pay.
 
@@ -546,7 +577,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             require_one_image(balance, clock.budget, nothing_paid_yet=lambda: not journal.load())
         return balance
 
-    def _log_estimate(self, specs: list[ImageSpec], clock: RunClock, client: Any) -> int | None:
+    def _log_estimate(self, specs: Sequence[ImageSpec], clock: RunClock, client: Any) -> int | None:
         """Log what the run would cost and read the balance (``None`` when nothing is to be sent)."""
         valid = sum(1 for s in specs if s.valid)
         cost = valid * CREDITS_PER_IMAGE
