@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -40,14 +41,16 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, cast, get_args
 
-import pyarrow as pa
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.batch import fence
 from airflow_provider_imagen.batch.fence import FencedError, Lease
 from airflow_provider_imagen.batch.storage import as_path, path_part, read_bytes, write_whole
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +92,29 @@ _META_VERSION: Final = b"imagen_journal_state_version"
 STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
-#: The columns of a state snapshot. ``entry`` is the whole entry (JSON, read only when a key is
-#: used); the others let a resume classify a settled key, and count its charge, without reading it.
-STATE_SCHEMA: Final = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("entry", pa.string(), nullable=False),
-        pa.field("digest", pa.string()),
-        #: ``done``, ``failed`` or ``moderated`` when nothing a try decides can change the key's fate.
-        pa.field("settled", pa.string()),
-        pa.field("charged", pa.int64(), nullable=False),
-        #: The latest intent's time: a key whose attempts all predate a try was not paid in it.
-        pa.field("attempted_max", pa.float64()),
-    ]
-)
+
+
+@functools.cache
+def state_schema() -> pa.Schema:
+    """Return the columns of a state snapshot, built on first use (pyarrow stays out of DAG parsing).
+
+    ``entry`` is the whole entry (JSON, read only when a key is used); the others let a resume classify
+    a settled key, and count its charge, without reading it.
+    """
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("entry", pa.string(), nullable=False),
+            pa.field("digest", pa.string()),
+            #: ``done``, ``failed`` or ``moderated`` when nothing a try decides can change the key's fate.
+            pa.field("settled", pa.string()),
+            pa.field("charged", pa.int64(), nullable=False),
+            #: The latest intent's time: a key whose attempts all predate a try was not paid in it.
+            pa.field("attempted_max", pa.float64()),
+        ]
+    )
 
 
 RefusalKind = Literal["not_sent", "rate_limited", "authentication", "insufficient_credits", "refused"]
@@ -441,6 +453,8 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
 
 def _state_table(entries: list[JournalEntry]) -> pa.Table:
+    import pyarrow as pa
+
     rows = {
         "key": [e.key for e in entries],
         "entry": [e.to_state() for e in entries],
@@ -449,7 +463,7 @@ def _state_table(entries: list[JournalEntry]) -> pa.Table:
         "charged": [e.charged_submits for e in entries],
         "attempted_max": [max(e.attempted_at.values(), default=None) for e in entries],
     }
-    return pa.Table.from_pydict(rows, schema=STATE_SCHEMA)
+    return pa.Table.from_pydict(rows, schema=state_schema())
 
 
 class JournalReadError(RuntimeError):
@@ -550,6 +564,8 @@ class Journal:
         compacted it) restarts the read, so no record is ever missed; what a later snapshot holds is
         skipped, so none counts twice.
         """
+        import pyarrow as pa
+
         for _ in range(_LOAD_ATTEMPTS):
             files = self._segments()
             try:
@@ -581,6 +597,8 @@ class Journal:
 
     def _read_any(self, path: ObjectStoragePath) -> str | pa.Table:
         """Return a segment's text, or a state snapshot's table."""
+        import pyarrow as pa
+
         if not path.name.endswith(_STATE_SUFFIX):
             return self._read(path)
         try:
@@ -593,8 +611,8 @@ class Journal:
             table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise JournalReadError(f"journal snapshot {path} is not a readable Arrow file: {exc}") from exc
-        if not set(STATE_SCHEMA.names) <= set(table.schema.names):
-            raise JournalReadError(f"journal snapshot {path} lacks columns of {STATE_SCHEMA.names}")
+        if not set(state_schema().names) <= set(table.schema.names):
+            raise JournalReadError(f"journal snapshot {path} lacks columns of {state_schema().names}")
         return table
 
     @staticmethod
@@ -632,6 +650,8 @@ class Journal:
         and a key's row in a snapshot is its whole state, so two compactors writing the same level at
         once change nothing by it.
         """
+        import pyarrow as pa
+
         folded = [path for path, _ in texts]
         table = entries.state_table(sorted(changed))
         merged = _levels_to_merge([t.num_rows for _, t in levels], table.num_rows)
@@ -763,7 +783,9 @@ def _levels_to_merge(sizes: list[int], new: int) -> int:
 
 def _latest_rows(tables: list[pa.Table]) -> pa.Table:
     """Return the rows of ``tables`` (oldest first) with, for each key, only its latest row."""
-    merged = pa.concat_tables([t.select(STATE_SCHEMA.names).cast(STATE_SCHEMA) for t in tables])
+    import pyarrow as pa
+
+    merged = pa.concat_tables([t.select(state_schema().names).cast(state_schema()) for t in tables])
     keys = merged.column("key").to_pylist()
     latest = {key: i for i, key in enumerate(keys)}
     return merged.take(pa.array(sorted(latest.values()), type=pa.int64()))

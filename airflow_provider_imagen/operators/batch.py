@@ -27,22 +27,13 @@ from airflow_provider_imagen.api.errors import (
     InsufficientCreditsError,
 )
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, credits_to_usd
-from airflow_provider_imagen.batch.engine import (
-    BatchPass,
-    BatchSettings,
-    Finish,
-    RunClock,
-    StopRequestedError,
-    budget_with_balance,
-    patiently,
-)
+from airflow_provider_imagen.batch.base import BatchSettings, Finish, RunClock, StopRequestedError
 from airflow_provider_imagen.batch.journal import (
     Journal,
     JournalEntry,
     resolve_journal_root,
 )
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
-from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs
 from airflow_provider_imagen.batch.status import NOT_SUBMITTED
 from airflow_provider_imagen.batch.storage import as_path
 from airflow_provider_imagen.hooks.imagen import ImagenHook
@@ -269,9 +260,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ).epoch
         # Resumes read the specs back instead of expanding the table again (written once this try will
         # pay: a try that fails its checks leaves no journal folder).
+        from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs
+
         cache_specs(table, journal.path / CACHE_FOLDER, specs, **self._expansion())
         entries = journal.load()
         if self.check_balance and balance is not None:
+            from airflow_provider_imagen.batch.engine import budget_with_balance
+
             clock.budget = budget_with_balance(clock.budget, balance=balance, entries=entries)
         # The clock of this try goes to the journal: deferral kwargs alone are not enough, since
         # ``dag.test()`` drops them when it runs the trigger in-line.
@@ -338,6 +333,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         client: Any,
         entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        from airflow_provider_imagen.batch.engine import BatchPass  # pyarrow: not at DAG parse
+
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
         sweep = outcome is not None  # resumed from the triggerer: look for what ended meanwhile
@@ -538,7 +535,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         journal, keyed by the table's content and every expansion argument; a changed table or argument
         is another key, so it expands again (and caches that).
         """
-        from airflow_provider_imagen.batch.spec_cache import invalid_specs, load_specs
+        from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, invalid_specs, load_specs
         from airflow_provider_imagen.batch.specs import (
             raise_if_invalid,
             raise_if_none_valid,
@@ -600,6 +597,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             )
         if not valid:
             return None
+        from airflow_provider_imagen.batch.engine import patiently
+
         # A free read first: a wrong key or an unreachable API fails here, before any POST is sent.
         balance = patiently(client.get_balance, deadline=clock.deadline, what="the balance read")
         self.log.info("Balance: %d credits ($%.2f).", balance, credits_to_usd(balance))

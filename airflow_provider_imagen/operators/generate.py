@@ -33,7 +33,7 @@ from airflow_provider_imagen.api.models import (
     Task,
     pixel_size_mismatch,
 )
-from airflow_provider_imagen.batch.engine import StopRequestedError, patiently
+from airflow_provider_imagen.batch.base import StopRequestedError
 from airflow_provider_imagen.batch.journal import Journal, JournalEntry, new_record, resolve_journal_root
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.preflight import probe_locations, require_one_image
@@ -363,6 +363,8 @@ class ImagenGenerateOperator(BaseOperator):
             locations["output_path"] = out.parent if out.suffix.lower() == ".png" else out
         locations["journal_path"] = resolve_journal_root(self.journal_path, self.output_path)
         probe_locations(locations)
+        from airflow_provider_imagen.batch.engine import patiently  # pyarrow: not at DAG parse
+
         balance = patiently(client.get_balance, deadline=time.time() + self.timeout, what="the balance read")
         require_one_image(balance, None, nothing_paid_yet=lambda: True)
 
