@@ -292,6 +292,35 @@ class TestStopping:
         assert tracker.result(10.0, FAR) is None  # None = all
         assert tracker.result(10.0, FAR, fire_when_done=99) is None  # capped at all
 
+    def test_fire_ahead_counts_ids_whose_first_poll_falls_due_within_the_lead(self) -> None:
+        """A refilling batch's trigger fires ``lead`` seconds before enough ids are due for their first
+        poll (the worker polls them when it arrives), without polling them itself."""
+        submitted = {"a": 0.0, "b": 1.0, "c": 2.0, "d": 50.0}
+        tracker = PollTracker(submitted, PollSchedule(), start=0.0, submitted_at=submitted, lead=1.5)
+        # First polls at 10, 11, 12 and 60: two of them are within 1.5 s at 9.5, three at 10.5.
+        assert tracker.result(9.0, FAR, fire_when_done=3) is None
+        assert tracker.next_wake(9.0) == 9.5  # when the second comes within the lead: no poll needed
+        assert tracker.result(9.5, FAR, fire_when_done=3) is None
+        outcome = tracker.result(10.5, FAR, fire_when_done=3)
+        assert outcome is not None and outcome.status == "success" and outcome.polls == 0
+        assert outcome.processing_ids == ["a", "b", "c", "d"]  # nothing seen ended: the worker looks
+        # Without a lead, only ends count; an id already polled (still rendering) no longer counts.
+        plain = PollTracker(submitted, PollSchedule(), start=0.0, submitted_at=submitted)
+        assert plain.result(10.5, FAR, fire_when_done=3) is None
+        tracker.record_status("a", "processing", None, 10.0)
+        assert tracker.result(10.5, FAR, fire_when_done=3) is None
+
+    def test_fire_ahead_skips_ids_an_earlier_poller_already_polled(self) -> None:
+        """After a resume, the ids its sweep polled (first poll before ``polled_until``) are not new."""
+        submitted = {"a": 0.0, "b": 20.0}
+        tracker = PollTracker(
+            submitted, PollSchedule(), start=15.0, submitted_at=submitted, polled_until=14.0, lead=1.0
+        )
+        assert tracker.result(15.0, FAR, fire_when_done=1) is None  # a's first poll (10) was made
+        assert tracker.next_wake(15.0) == pytest.approx(15.0)  # a's next grid poll comes before b's lead
+        assert tracker.result(28.5, FAR, fire_when_done=1) is None
+        assert tracker.result(29.0, FAR, fire_when_done=1) is not None
+
     def test_nothing_to_watch_is_done(self) -> None:
         outcome = PollTracker([], PollSchedule(), start=0.0).result(0.0, FAR)
         assert outcome is not None and outcome.status == "success" and outcome.tasks == {}

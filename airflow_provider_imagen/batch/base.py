@@ -107,6 +107,15 @@ class RunClock:
     window: int | None = None
     #: The window at the last 429: below it the window doubles, above it grows by one (``None``: no 429).
     threshold: int | None = None
+    #: Seconds of worker slot this try's earlier processes held (each from its start to its deferral).
+    held: float = 0.0
+    #: When this process started (epoch seconds; not carried over: each resume is a new process).
+    resumed_at: float | None = None
+
+    def slot_share(self, now: float) -> float:
+        """Return the share of this try's wall time a worker slot was held, this process included."""
+        here = now - self.resumed_at if self.resumed_at is not None else 0.0
+        return (self.held + here) / max(now - self.started_at, 1e-6)
 
     def current_window(self, ceiling: int) -> int:
         """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``."""
@@ -147,6 +156,7 @@ class RunClock:
             "epoch": self.epoch,
             "window": self.window,
             "threshold": self.threshold,
+            "held": self.held,
         }
 
 
@@ -161,6 +171,9 @@ class Wait:
     polled_until: float | None = None
     #: Wait on the worker for at most this many seconds, then run another pass (``None``: defer).
     linger: float | None = None
+    #: When deferred: fire this many seconds before enough tasks are due for their first poll, so the
+    #: worker arrives as they are (``None``: fire on ends the trigger saw).
+    fire_ahead: float | None = None
 
 
 @dataclass

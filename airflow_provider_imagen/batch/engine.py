@@ -42,7 +42,13 @@ from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
-from airflow_provider_imagen.batch.window import WindowIndex, WindowPlan, linger_for, streams_on_worker
+from airflow_provider_imagen.batch.window import (
+    FIRE_AHEAD,
+    WindowIndex,
+    WindowPlan,
+    linger_for,
+    streams_on_worker,
+)
 from airflow_provider_imagen.polling import PollOutcome
 
 if TYPE_CHECKING:
@@ -206,6 +212,8 @@ class BatchPass:
                 fire_when_done=need,
                 polled_until=self._polled_until(outcome, started),
                 linger=linger,
+                # Refills come back as the next tasks fall due, not a resume after they were seen.
+                fire_ahead=FIRE_AHEAD if refillable and linger is None else None,
             )
         return self._finish(plan, stop)
 

@@ -395,8 +395,14 @@ def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
 
 
 #: Seconds from a trigger's event to the resumed pass on a worker (triggerer, scheduler, task start),
-#: as measured on a LocalExecutor with SQLite (0.5–1.2 s) and Celery with PostgreSQL (0.6–1.2 s), rounded up.
+#: as measured on a LocalExecutor with SQLite (0.5–1.6 s) and Celery with PostgreSQL (0.6–1.2 s), rounded up.
 RESUME_LATENCY: Final = 1.5
+#: How far ahead of the tasks' first polls a refilling batch's trigger fires: a little under the usual
+#: resume, so the worker arrives as they fall due rather than before (an early arrival finds nothing).
+FIRE_AHEAD: Final = 1.0
+#: The share of a try's wall time a slot-free batch may spend on the worker waiting for ends that are
+#: about to be seen (each such wait refills places at once instead of after a round trip).
+SLOT_SHARE: Final = 0.25
 
 
 def streams_on_worker(schedule: PollSchedule, *, linger: float, min_deferral: float) -> bool:
@@ -422,6 +428,7 @@ def linger_for(
     now: float,
     deadline: float,
     min_deferral: float = 0.0,
+    slot_share: float = 1.0,
 ) -> float | None:
     """Return how long to wait on the worker for the next task to end, or ``None`` to defer.
 
@@ -429,16 +436,22 @@ def linger_for(
     worker slot. While rows wait for room (``refillable``), a streaming batch (``stream``) waits on the
     worker for every end and refills its place at once, unless the next poll that can find an end is
     more than a render away (an API far slower than expected); otherwise it defers and comes back for a
-    share of the window. With nothing left to send, it waits on the worker only when that poll is due
-    within ``linger`` seconds, or before a deferral could end anyway (``min_deferral``).
+    share of the window, except that it waits for an end about to be seen (within one poll interval)
+    while its slot time stays under :data:`SLOT_SHARE` of the try. With nothing left to send, it waits
+    on the worker only when that poll is due within ``linger`` seconds, or before a deferral could end
+    anyway (``min_deferral``).
 
     :param submitted_at: task id → submit time (epoch seconds) of the tasks in flight.
     :param linger: the operator's ``linger``; ``0`` always defers.
     :param min_deferral: seconds a deferral lasts at least (the trigger holds an earlier event).
+    :param slot_share: the share of the try's wall time its slot was held so far.
     """
-    if linger <= 0 or not submitted_at or (refillable and not stream):
+    if linger <= 0 or not submitted_at:
         return None
     wait = max(next_visible_end(submitted_at, schedule, now=now) - now, 0.0)
-    if wait > (linger + schedule.expected_render if refillable else max(linger, min_deferral)):
+    if refillable and not stream:
+        if wait > schedule.poll_interval * 1.25 or slot_share >= SLOT_SHARE:
+            return None
+    elif wait > (linger + schedule.expected_render if refillable else max(linger, min_deferral)):
         return None
     return min(wait + linger, max(deadline - now, 0.0))

@@ -249,7 +249,12 @@ class ImagenBatchGenerateOperator(BaseOperator):
         table = self._table()
         specs = self._specs(table, journal, reuse=False)
         now = time.time()
-        clock = RunClock(started_at=now, deadline=now + self.timeout, budget=self.settings.max_credits)
+        clock = RunClock(
+            started_at=now,
+            deadline=now + self.timeout,
+            budget=self.settings.max_credits,
+            resumed_at=_process_started(now),
+        )
         client = self._client()
         balance = self._preflight(context, specs, clock, client)
         # Claim the journal before reading it: an older try that is still alive (a zombie, or a hand-run
@@ -285,6 +290,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         epoch: int | None = None,
         window: int | None = None,
         threshold: int | None = None,
+        held: float = 0.0,
     ) -> dict[str, Any]:
         """Resume after the trigger: check this try still owns the journal, validate the event, go on.
 
@@ -300,7 +306,14 @@ class ImagenBatchGenerateOperator(BaseOperator):
         if lease.epoch not in clocks:
             raise ImagenError("resumed, but the journal holds no record of this try; is journal_path shared?")
         # The window adapts between passes; where Airflow kept the kwargs it goes on from where it was.
-        resumed = {"progress_at": progress_at, "epoch": lease.epoch, "window": window, "threshold": threshold}
+        resumed = {
+            "progress_at": progress_at,
+            "epoch": lease.epoch,
+            "window": window,
+            "threshold": threshold,
+            "held": held,
+            "resumed_at": _process_started(clocks[lease.epoch]["started_at"]),
+        }
         clock = RunClock(**{**clocks[lease.epoch], **resumed})
         return self._run(
             context,
@@ -361,6 +374,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             if isinstance(step, Finish):
                 return self._finish(context, specs, journal, step, clock)
             if self.deferrable and step.linger is None:
+                if clock.resumed_at is not None:  # this process's slot time ends with the deferral
+                    clock.held += time.time() - clock.resumed_at
                 self.defer(
                     trigger=ImagenTaskTrigger(
                         imagen_conn_id=self.imagen_conn_id,
@@ -369,6 +384,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                         submitted_at=step.submitted_at,
                         fire_when_done=step.fire_when_done,
                         polled_until=step.polled_until,
+                        fire_ahead=step.fire_ahead,
                         not_before=resume_not_before(self.settings.min_deferral),
                         **self.schedule.to_kwargs(),
                     ),
@@ -611,6 +627,19 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
     def _journal(self, context: Context) -> Journal:
         return Journal.for_task_instance(resolve_journal_root(self.journal_path, self.output_path), context)
+
+
+def _process_started(not_before: float) -> float:
+    """Return when this task process started (its slot time counts from there), not before ``not_before``.
+
+    A resume's process starts some way before ``execute_complete``: the DAG file is parsed first.
+    """
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        return max(psutil.Process().create_time(), not_before)
+    except psutil.Error:
+        return max(time.time(), not_before)
 
 
 def _this_try(

@@ -45,6 +45,7 @@ def _tracker(
     fire_when_done: int | None,
     start: float,
     polled_until: float | None = None,
+    lead: float | None = None,
 ) -> PollTracker:
     """Validate a driver's arguments and build its tracker (shared by both drivers)."""
     if isinstance(task_ids, str):
@@ -58,6 +59,7 @@ def _tracker(
         start=start,
         submitted_at=submitted_at,
         polled_until=polled_until,
+        lead=lead,
     )
 
 
@@ -70,6 +72,7 @@ async def apoll_tasks(
     submitted_at: Mapping[str, float | None] | None = None,
     fire_when_done: int | None = None,
     polled_until: float | None = None,
+    fire_ahead: float | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> PollOutcome:
@@ -82,8 +85,12 @@ async def apoll_tasks(
     :param submitted_at: per-id submit time (epoch seconds); missing ids count as submitted now.
     :param fire_when_done: stop with ``success`` once this many ids ended (``None``: all of them).
     :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
+    :param fire_ahead: also count ids whose first poll falls due within this many seconds (the
+        tracker's ``lead``): the caller polls them itself when it arrives.
     """
-    tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
+    tracker = _tracker(
+        task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until, fire_ahead
+    )
     gate = asyncio.Semaphore(tracker.schedule.max_concurrent_polls)
 
     async def poll_one(task_id: str) -> None:

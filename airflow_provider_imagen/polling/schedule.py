@@ -6,6 +6,7 @@ a fake clock. See the package docstring for the schedule itself.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import math
@@ -158,6 +159,8 @@ class PollTracker:
     :param polled_until: the ids were polled on their grids by an earlier poller up to this instant
         (epoch seconds): a batch's next trigger after a refill. ``None`` (a fresh start, a retry) polls
         every overdue id once right away.
+    :param lead: count, toward the fire condition, ids whose first poll falls due within this many
+        seconds and that no poller has polled yet (see :meth:`result`). ``None``: only ended ids count.
     """
 
     def __init__(
@@ -168,9 +171,11 @@ class PollTracker:
         start: float,
         submitted_at: Mapping[str, float | None] | None = None,
         polled_until: float | None = None,
+        lead: float | None = None,
     ) -> None:
         self.schedule = schedule
         self.start = start
+        self.lead = lead
         self._tracks: dict[str, _Track] = {}
         known = submitted_at or {}
         for tid in task_ids:
@@ -194,6 +199,13 @@ class PollTracker:
         # trigger watching thousands of ids must not scan them all (measured: 3 CPU-s for 2,000 ids).
         self._queue = [(track.due, tid) for tid, track in self._tracks.items()]
         heapq.heapify(self._queue)
+        #: (first poll, id) of the ids no poller has polled yet, for the fire-ahead count (sorted).
+        self._firsts = sorted(
+            (track.grid, tid)
+            for tid, track in self._tracks.items()
+            if track.grid == track.submitted_at + schedule.expected_render
+            and (polled_until is None or track.grid > polled_until)
+        )
         self._ended = 0
         #: No poll at all before this instant (Retry-After or error backoff).
         self.paused_until = -math.inf
@@ -252,13 +264,30 @@ class PollTracker:
         self._next_round = now + self.schedule.round_gap
 
     def next_wake(self, now: float, deadline: float | None = None) -> float:
-        """Return when something can next happen: a poll falls due, a pause ends, or the deadline."""
+        """Return when something can next happen: a poll falls due, a pause ends, or the deadline.
+
+        With a ``lead``, also when one more id comes within it of its first poll (see :meth:`_coming`).
+        """
         while self._queue and not self._current(self._queue[0]):
             heapq.heappop(self._queue)
         if not self._queue:
             return max(now, self._next_round)
         wake = max(self._queue[0][0], self.paused_until, self._next_round)
+        if self.lead is not None:
+            upcoming = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
+            if upcoming < len(self._firsts):
+                wake = min(wake, max(self._firsts[upcoming][0] - self.lead, now))
         return wake if deadline is None else max(min(wake, deadline), self._next_round)
+
+    def _coming(self, now: float) -> int:
+        """Return how many ids no poller has polled yet are due for their first poll by ``now + lead``.
+
+        A caller that needs ``lead`` seconds before it can act (a worker's resume) fires then, and finds
+        them due when it arrives.
+        """
+        assert self.lead is not None
+        upto = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
+        return sum(1 for _, tid in self._firsts[:upto] if self._tracks[tid].polls == 0)
 
     def polls(self, task_id: str | None = None) -> int:
         """Return the polls made for ``task_id``, or for all ids."""
@@ -289,7 +318,7 @@ class PollTracker:
         """
         need = len(self._tracks) if fire_when_done is None else min(fire_when_done, len(self._tracks))
         ended = self._ended
-        if ended >= need:
+        if ended >= need or (self.lead is not None and ended + self._coming(now) >= need):
             return self._outcome("success", None)
         if self.consecutive_errors >= self.schedule.max_consecutive_errors:
             return self._outcome(

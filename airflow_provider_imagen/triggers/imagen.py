@@ -95,6 +95,9 @@ class ImagenTaskTrigger(BaseTrigger):
     :param max_consecutive_errors: transient poll failures in a row before an ``error`` event.
     :param max_concurrent_polls: polls in flight at once (and the HTTP connection pool size).
     :param round_gap: least seconds between two poll rounds; ids falling due meanwhile go together.
+    :param fire_ahead: fire this many seconds before enough ids are due for their first poll (counted
+        with those that ended): a batch's worker, which needs about that long to resume, polls them
+        itself on arrival. ``None``: fire on ends seen.
     :param not_before: yield no event before this epoch time (see :func:`resume_not_before`): a
         condition met at once is held until the deferral has settled in the scheduler.
     """
@@ -115,6 +118,7 @@ class ImagenTaskTrigger(BaseTrigger):
         max_consecutive_errors: int = _DEFAULTS.max_consecutive_errors,
         max_concurrent_polls: int = _DEFAULTS.max_concurrent_polls,
         round_gap: float = _DEFAULTS.round_gap,
+        fire_ahead: float | None = None,
         not_before: float | None = None,
     ) -> None:
         super().__init__()
@@ -149,6 +153,7 @@ class ImagenTaskTrigger(BaseTrigger):
         self.fire_when_done = None if fire_when_done is None else int(fire_when_done)
         #: An earlier trigger polled these ids on their grids up to this epoch time (a batch refill).
         self.polled_until = None if polled_until is None else float(polled_until)
+        self.fire_ahead = None if fire_ahead is None else float(fire_ahead)
         #: Absolute like the deadline: a trigger restarted from its kwargs holds until the same moment.
         self.not_before = None if not_before is None else float(not_before)
         #: Validated here, so a bad schedule fails at ``defer()`` on the worker, not in the triggerer.
@@ -179,6 +184,7 @@ class ImagenTaskTrigger(BaseTrigger):
                 "submitted_at": None if self.submitted_at is None else list(self.submitted_at),
                 "fire_when_done": self.fire_when_done,
                 "polled_until": self.polled_until,
+                "fire_ahead": self.fire_ahead,
                 "not_before": self.not_before,
                 **self.schedule.to_kwargs(),
             },
@@ -233,6 +239,7 @@ class ImagenTaskTrigger(BaseTrigger):
                     submitted_at=submitted,
                     fire_when_done=self.fire_when_done,
                     polled_until=self.polled_until,
+                    fire_ahead=self.fire_ahead,
                 )
         except Exception as exc:
             message = f"polling failed: {safe_message(exc, secrets=[api_key])}"

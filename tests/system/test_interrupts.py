@@ -434,16 +434,22 @@ def test_a_trigger_that_fires_at_once_does_not_cost_the_try(stack: Stack, workdi
     a hold longer than that exit (15 s) the event waits until the deferral has settled, and the run
     succeeds in its first try, paying each image once."""
     stack.emulator.reset()
+    dags = {"unheld": "imagen_sys_int_race_unheld", "held": "imagen_sys_int_race"}
+    # Sibling folders, one per run (each run's own out/ and j/), and both runs at once: they do not share
+    # a row, and the race needs no quiet machine (the resumed pass is 12 s long).
+    folders = {tag: workdir.parent / f"{workdir.name}-{tag}" for tag in dags}
+    runs = {}
+    for tag, dag in dags.items():
+        folders[tag].mkdir()
+        runs[tag] = stack.trigger(dag, **conf_for(folders[tag], rows_for(tag, 3)))
     states, figures = {}, {}
-    for dag, tag in (("imagen_sys_int_race_unheld", "unheld"), ("imagen_sys_int_race", "held")):
-        conf = conf_for(workdir / tag, rows_for(tag, 3))
-        run_id = stack.trigger(dag, **conf)
-        states[tag] = stack.wait_run(dag, run_id, timeout=150)
-        ti = stack.ti(dag, run_id)
+    for tag, dag in dags.items():
+        states[tag] = stack.wait_run(dag, runs[tag], timeout=150)
+        ti = stack.ti(dag, runs[tag])
         figures[tag] = {"state": ti["state"], "try_number": ti["try_number"]}
         if states[tag] == "success":
             figures[tag]["audit"] = audit(
-                [local_manifest(workdir / tag / "out")], stack.emulator.ledger(), stack.emulator.tasks(), tag
+                [local_manifest(folders[tag] / "out")], stack.emulator.ledger(), stack.emulator.tasks(), tag
             )
     mismatch = stack.sql(
         "SELECT count(*) AS n FROM log WHERE event = 'state mismatch' AND dag_id = ?", "imagen_sys_int_race"

@@ -223,7 +223,7 @@ class TestRestartsAndTwins:
         assert json.loads(json.dumps(kwargs)) == kwargs
         assert set(kwargs) == {
             "imagen_conn_id", "task_ids", "deadline", "submitted_at", "fire_when_done", "polled_until",
-            "not_before", *FAST.field_names(),
+            "fire_ahead", "not_before", *FAST.field_names(),
         }  # fmt: skip
         assert_clean(emulator, kwargs)
         old = ImagenTaskTrigger(task_ids=["task_a"], deadline=kwargs["deadline"])  # an older version's kwargs
