@@ -239,9 +239,12 @@ class BatchPass:
         """Shrink the window on a 429, grow it back by one on a round without one; return the wait.
 
         Several batches on one account then share its capacity instead of each storming it with its
-        own ``max_in_flight``: additive increase, multiplicative decrease.
+        own ``max_in_flight``: additive increase, multiplicative decrease. With
+        ``adaptive_window=False`` the window stays at ``max_in_flight``; a 429 still sets the wait.
         """
         limited = [e for r in reports for e in r.rejected.values() if isinstance(e, RateLimitedError)]
+        if not self.settings.adaptive_window:
+            return max((e.retry_after or 1.0) for e in limited) if limited else 0.0
         if limited:
             self.clock.window = max(1, self.window // 2)
             log.info("The API rate-limits submits: the window shrinks to %d.", self.clock.window)

@@ -205,3 +205,27 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
     assert ledger["tasks_created"] == 36 and max(ledger["submissions_by_prompt"].values()) == 1
     assert ledger["concurrency_limited"] > 0  # the cap was met…
     assert all(smallest[n] < 6 for n in range(3))  # …and every batch's window gave way to it
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: bool) -> None:
+    """``adaptive_window`` (default on) halves the window on a 429 and grows it by one per accepted
+    round; switched off, the window stays at ``max_in_flight`` and a 429 only sets the wait."""
+    from airflow_provider_imagen.api.errors import RateLimitedError
+    from airflow_provider_imagen.batch.submit import SubmitReport
+
+    now = time.time()
+    clock = RunClock(started_at=now, deadline=now + 60)
+    step = BatchPass(
+        client=None,  # type: ignore[arg-type]  # _adapt sends nothing
+        journal=Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r"),
+        specs=expand_specs([{"prompt_id": "p0", "prompt": "a lamp"}]),
+        images_root=str(tmp_path / "images"),
+        settings=BatchSettings(max_in_flight=40, adaptive_window=adaptive),
+        clock=clock,
+    )
+    limited = SubmitReport(rejected={"k": RateLimitedError("429", status_code=429, retry_after=3.0)})
+    assert step._adapt([limited]) == 3.0
+    assert step.window == (20 if adaptive else 40)
+    assert step._adapt([SubmitReport(submitted={"k2": "t2"})]) == 0.0
+    assert step.window == (21 if adaptive else 40)
