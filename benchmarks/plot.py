@@ -95,8 +95,8 @@ def scale_points(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Return the ``scale_<N>`` runs (one batch task, 1 s renders) as medians by N."""
     points = []
     for name, scenario_runs in runs.items():
-        if not name.startswith("scale_") or not scenario_runs[0].get("derived"):
-            continue
+        if not name.startswith("scale_") or "_w" in name or not scenario_runs[0].get("derived"):
+            continue  # variants at another window (``scale_10k_w1000``) are not on the curve
 
         def cpu(part: str, rs: list[dict[str, Any]] = scenario_runs) -> float | None:
             return median(rs, lambda r: (r["derived"].get("cpu_s_per_1000") or {}).get(part))
