@@ -64,6 +64,10 @@ _RESTORE_SIGINT = (
     "os.execvp(sys.argv[1], sys.argv[1:])"
 )
 _COMPONENTS = ("scheduler", "dag-processor", "api-server", "triggerer")
+#: Below the scheduler, by process title: LocalExecutor workers (each supervises one task at a time)
+#: and the task processes they fork (the operator's code runs there).
+_WORKER_TITLE = "airflow worker -- LocalExecutor"
+_TASK_TITLE = "airflow worker -- "
 
 
 # ------------------------------------------------------------------------------------------ scenarios
@@ -92,13 +96,28 @@ class Scenario:
     airflow_config: Mapping[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
     note: str = ""
+    #: DAG runs triggered together (a backfill's runs), N prompts each, each with its own output folder.
+    runs: int = 1
+    #: The emulator's account-wide cap on renders at once (``--max-concurrent-renders``; 429 beyond it).
+    account_cap: int | None = None
+
+    @property
+    def total_n(self) -> int:
+        """Prompts over all the runs of the scenario."""
+        return self.n * self.runs
 
     @property
     def ideal_s(self) -> float | None:
-        """The render-bound lower limit N / max_in_flight × mean latency, when it applies."""
+        """The render-bound lower limit: N over the concurrency allowed × mean latency, when it applies.
+
+        The concurrency is the runs' windows together, or the account's cap when that is smaller.
+        """
         if not self.max_in_flight:
             return None
-        return self.n / self.max_in_flight * self.latency_mean
+        concurrency = self.max_in_flight * self.runs
+        if self.account_cap:
+            concurrency = min(concurrency, self.account_cap)
+        return self.total_n / concurrency * self.latency_mean
 
 
 @dataclass(frozen=True)
@@ -473,13 +492,14 @@ class MetadataDB:
         )
         return rows[0] if rows else None
 
-    def state_counts(self, dag_id: str, run_id: str) -> dict[str, int]:
-        """How many task instances of the run are in each state right now."""
-        rows = self.rows(
-            "SELECT state, COUNT(*) AS n FROM task_instance WHERE dag_id = :d AND run_id = :r GROUP BY state",
-            d=dag_id,
-            r=run_id,
-        )
+    def state_counts(self, dag_id: str, run_id: str | list[str]) -> dict[str, int]:
+        """How many task instances of the run (or runs) are in each state right now."""
+        run_ids = [run_id] if isinstance(run_id, str) else run_id
+        query = sa.text(
+            "SELECT state, COUNT(*) AS n FROM task_instance WHERE dag_id = :d AND run_id IN :r GROUP BY state"
+        ).bindparams(sa.bindparam("r", expanding=True))
+        with self.engine.connect() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(query, {"d": dag_id, "r": run_ids})]
         return {str(r["state"]): int(r["n"]) for r in rows}
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
@@ -520,6 +540,8 @@ class Sample:
     procs: dict[str, int]
     system_cpu_percent: float
     states: dict[str, int] | None = None
+    #: The largest single process's RSS per component.
+    rss_max: dict[str, int] = field(default_factory=dict)
 
 
 class Sampler(threading.Thread):
@@ -573,7 +595,28 @@ class Sampler(threading.Thread):
         emulator = procs.get(self.emulator_pid or -1)
         if emulator is not None:
             found.append(("emulator", (emulator.pid, emulator.info["create_time"]), emulator))
-        return found
+        return [(self._below_scheduler(name, key, proc), key, proc) for name, key, proc in found]
+
+    def _below_scheduler(self, name: str, key: tuple[int, float], proc: psutil.Process) -> str:
+        """Name a process of the scheduler's tree by its title: ``worker``, ``task`` or ``scheduler``.
+
+        A forked process takes its title a moment after it starts (a task process first bears its
+        worker's), so any not yet named ``task`` is looked at again on the next tick (a few dozen).
+        """
+        if name != "scheduler":
+            return name
+        known = self._component.get(key)
+        if known == "task":
+            return known
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            return name
+        if title.startswith(_WORKER_TITLE):
+            self._component[key] = "worker"
+        elif title.startswith(_TASK_TITLE):
+            self._component[key] = "task"
+        return self._component.get(key, name)
 
     @staticmethod
     def _name_component(proc: psutil.Process) -> str:
@@ -587,6 +630,7 @@ class Sampler(threading.Thread):
         """Take one sample now."""
         now = time.time()
         rss: dict[str, int] = {}
+        rss_max: dict[str, int] = {}
         pss: dict[str, int] = {}
         procs: dict[str, int] = {}
         # PSS (smaps_rollup) costs up to 6 ms per big Airflow process, ~0.4 s for the whole tree: read it
@@ -603,6 +647,7 @@ class Sampler(threading.Thread):
                 continue
             self._cpu[key] = times.user + times.system
             rss[name] = rss.get(name, 0) + mem.rss
+            rss_max[name] = max(rss_max.get(name, 0), mem.rss)
             if full:
                 pss[name] = pss.get(name, 0) + getattr(mem, "pss", mem.rss)
             procs[name] = procs.get(name, 0) + 1
@@ -616,7 +661,7 @@ class Sampler(threading.Thread):
                 states = self.state_source()
             except Exception:  # a locked SQLite or a restarting DB must not end the sampling
                 self.errors += 1
-        return Sample(now, rss, pss if full else None, cpu, procs, psutil.cpu_percent(None), states)
+        return Sample(now, rss, pss if full else None, cpu, procs, psutil.cpu_percent(None), states, rss_max)
 
     def run(self) -> None:
         """Sample until :meth:`stop` (bounded by the caller, who always stops it)."""
@@ -632,7 +677,7 @@ class Sampler(threading.Thread):
         self.join(timeout=30)
 
 
-AIRFLOW_PARTS = ("standalone", *_COMPONENTS, "other")
+AIRFLOW_PARTS = ("standalone", *_COMPONENTS, "worker", "task", "other")
 
 
 def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: float) -> dict[str, Any]:
@@ -670,7 +715,14 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
                 )
         return 100 * best
 
-    groups = {"triggerer": ("triggerer",), "airflow": AIRFLOW_PARTS, "emulator": ("emulator",)}
+    groups = {
+        "triggerer": ("triggerer",),
+        "airflow": AIRFLOW_PARTS,
+        "emulator": ("emulator",),
+        # The batch's own processes: LocalExecutor workers (supervisors) and the task processes.
+        "worker": ("worker", "task"),
+        "task": ("task",),
+    }
     out: dict[str, Any] = {"samples": len(window), "window_s": round(span, 1)}
     for label, parts in groups.items():
         peak = max(rss_of(s, parts) for s in window)
@@ -686,6 +738,9 @@ def summarize_samples(samples: list[Sample], t0: float, t1: float, interval: flo
             "cpu_mean_percent": round(100 * (cpu_of(last, parts) - cpu_of(first, parts)) / span, 1),
             "cpu_peak_2s_percent": round(peak_cpu_percent(parts), 1),
             "cpu_seconds": round(cpu_of(last, parts) - cpu_of(first, parts), 1),
+            "rss_peak_one_process_mb": round(
+                max(max((s.rss_max.get(p, 0) for p in parts), default=0) for s in window) / MB, 1
+            ),
         }
     out["pss_peak_mb_by_component"] = {
         part: round(max(((s.pss or {}).get(part, 0) for s in with_pss), default=0) / MB, 1)
@@ -866,6 +921,136 @@ def summarize_tis(tis: list[dict[str, Any]]) -> dict[str, Any]:
     return {"count": len(tis), "sum_duration_s": round(total, 1), "per_task": per_task}
 
 
+# ------------------------------------------------------------------------------------------ batch figures
+
+PASS_START = re.compile(r"^::group::Pre Execute")
+PROGRESS_WINDOW = re.compile(r"^Progress: .*\(window (\d+)\)")
+
+
+def _log_events(path: Path) -> Iterable[str]:
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield str(record.get("event", ""))
+
+
+def batch_figures(
+    home: Path, scenario: Scenario, run_ids: list[str], output_dir: Path, ledger: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a batch run leaves behind: passes and windows (task logs), journal bytes, manifest statuses,
+    and 429s as a share of POSTs (the emulator's counters)."""
+    run_dirs = [output_dir] if len(run_ids) == 1 else [output_dir / f"run{i}" for i in range(len(run_ids))]
+    passes: list[int] = []
+    windows: list[dict[str, Any]] = []
+    shrinks = 0
+    for run_id in run_ids:
+        folder = home / "logs" / f"dag_id={scenario.dag_id}" / f"run_id={run_id}"
+        count, seen = 0, []
+        for path in sorted(folder.rglob("*.log")) if folder.exists() else ():
+            for event in _log_events(path):
+                if PASS_START.search(event):
+                    count += 1
+                elif found := PROGRESS_WINDOW.search(event):
+                    seen.append(int(found.group(1)))
+                elif "rate-limits submits" in event:
+                    shrinks += 1
+        passes.append(count)
+        windows.append({"min": min(seen, default=None), "last": seen[-1] if seen else None,
+                        "mean": _round(statistics.fmean(seen), 1) if seen else None})  # fmt: skip
+    journal_bytes = 0
+    statuses: dict[str, int] = {}
+    manifests = 0
+    for run_dir in run_dirs:
+        if not run_dir.exists():
+            continue
+        journal_bytes += sum(
+            f.stat().st_size for f in run_dir.rglob("*") if "_journal" in f.parts and f.is_file()
+        )
+        found = sorted((run_dir / "manifests").rglob("*.parquet"), key=lambda f: f.stat().st_mtime)
+        if found:  # the last manifest of the run (a retry writes its own)
+            import pyarrow.parquet as pq
+
+            manifests += 1
+            for status in pq.read_table(found[-1], columns=["status"]).column("status").to_pylist():
+                statuses[status] = statuses.get(status, 0) + 1
+    posts = int(ledger.get("posts") or 0)
+    limited = int(ledger.get("rate_limited") or 0)
+    return {
+        "passes": passes,
+        "resumes": [max(0, c - 1) for c in passes],
+        "windows": windows,
+        "window_shrinks": shrinks,
+        "journal_bytes": journal_bytes,
+        "manifests": manifests,
+        "manifest_statuses": statuses,
+        "rows_not_completed": sum(v for k, v in statuses.items() if k != "completed"),
+        "posts": posts,
+        "posts_429": limited,
+        "share_429": _round(limited / posts, 4) if posts else None,
+    }
+
+
+def derive_figures(result: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
+    """Per-image figures of a batch run: CPU per 1,000 images by part, peak RSS of one task process,
+    journal bytes per image, wall time against the bound and throughput."""
+    batch = result.get("batch") or {}
+    resources = result.get("resources") or {}
+    images = int((batch.get("manifest_statuses") or {}).get("completed") or 0) or int(
+        ((result.get("ledger") or {}).get("status_counts") or {}).get("completed") or 0
+    )
+    if not images:
+        return {}
+
+    def per_1000(group: str) -> float | None:
+        seconds = (resources.get(group) or {}).get("cpu_seconds")
+        return None if seconds is None else round(1000 * seconds / images, 2)
+
+    wall = result.get("wall_s")
+    ideal = scenario.ideal_s
+    worker, trigger = per_1000("worker"), per_1000("triggerer")
+    return {
+        "images": images,
+        "ideal_s": _round(ideal, 1),
+        "x_bound": _round(wall / ideal) if wall and ideal else None,
+        "images_per_s": _round(images / wall, 1) if wall else None,
+        "share_of_bound_throughput": _round(ideal / wall, 3) if wall and ideal else None,
+        "cpu_s_per_1000": {
+            "worker": worker,
+            "task": per_1000("task"),
+            "triggerer": trigger,
+            "worker_plus_triggerer": _round((worker or 0) + (trigger or 0)),
+            "emulator": per_1000("emulator"),
+            "airflow": per_1000("airflow"),
+        },
+        "task_rss_peak_mb": (resources.get("task") or {}).get("rss_peak_one_process_mb"),
+        "worker_rss_peak_mb": (resources.get("worker") or {}).get("rss_peak_one_process_mb"),
+        "journal_bytes_per_image": _round(batch.get("journal_bytes", 0) / images, 1),
+        "other_cpu_mean_percent": resources.get("other_cpu_mean_percent"),
+    }
+
+
+def figures_line(result: dict[str, Any]) -> str:
+    """The batch figures of one result in one line (empty when there are none)."""
+    d = result.get("derived") or {}
+    b = result.get("batch") or {}
+    if not d:
+        return ""
+    cpu = d["cpu_s_per_1000"]
+    return (
+        f"{result['name']}: {d['images']} images, wall {result.get('wall_s')} s = {d['x_bound']} x bound "
+        f"{d['ideal_s']} s ({d['images_per_s']} img/s); CPU-s per 1,000 images: worker {cpu['worker']} "
+        f"(task {cpu['task']}), triggerer {cpu['triggerer']}, emulator {cpu['emulator']}; peak RSS task "
+        f"{d['task_rss_peak_mb']} MB, any worker process {d['worker_rss_peak_mb']} MB; journal "
+        f"{d['journal_bytes_per_image']} B/image; passes {b.get('passes')}; polls/image "
+        f"{result.get('polls_per_image')}; 429s {b.get('posts_429')}/{b.get('posts')} POSTs "
+        f"({b.get('share_429')}); not completed {b.get('rows_not_completed')} {b.get('manifest_statuses')}; "
+        f"windows {[w.get('mean') for w in b.get('windows', [])]}; other CPU {d['other_cpu_mean_percent']} %"
+    )
+
+
 # ------------------------------------------------------------------------------------------ one scenario
 
 
@@ -889,9 +1074,10 @@ def run_scenario(
         "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
     }
-    emulator = Emulator(
-        workdir, scenario.latency_mean, scenario.latency_jitter, options, scenario.emulator_args
-    )
+    emulator_args = tuple(scenario.emulator_args)
+    if scenario.account_cap:
+        emulator_args += ("--max-concurrent-renders", str(scenario.account_cap))
+    emulator = Emulator(workdir, scenario.latency_mean, scenario.latency_jitter, options, emulator_args)
     postgres: Postgres | None = None
     standalone: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
@@ -943,56 +1129,76 @@ def run_scenario(
         )
 
         size = str(scenario.conf.get("size", "1:1"))
-        conf: dict[str, Any] = {
-            "n": scenario.n,
-            "max_in_flight": scenario.max_in_flight,
-            "output_dir": str(output_dir),
-            "output_uri": output_dir.as_uri(),
-            "prompt_table": write_prompt_table(workdir / "input", scenario.n, size).as_uri(),
-            "size": size,
-            "poll_interval": 2,
-        }
-        conf.update(scenario.conf)
-        result["conf"] = conf
+        prompt_table = write_prompt_table(workdir / "input", scenario.n, size).as_uri()
+        # One output folder per run (images, journal, manifest); a single run keeps ``out/`` itself.
+        run_dirs = (
+            [output_dir] if scenario.runs == 1 else [output_dir / f"run{i}" for i in range(scenario.runs)]
+        )
+        confs: list[dict[str, Any]] = []
+        for run_dir in run_dirs:
+            conf: dict[str, Any] = {
+                "n": scenario.n,
+                "max_in_flight": scenario.max_in_flight,
+                "output_dir": str(run_dir),
+                "output_uri": run_dir.as_uri(),
+                "prompt_table": prompt_table,
+                "size": size,
+                "poll_interval": 2,
+            }
+            conf.update(scenario.conf)
+            confs.append(conf)
+        result["conf"] = confs[0]
         loadavg_at_trigger = os.getloadavg()
         harness_cpu_at_trigger = time.process_time()
         t_trigger = time.time()
-        reply = httpx.post(
-            f"{api}/api/v2/dags/{scenario.dag_id}/dagRuns",
-            json={"logical_date": None, "conf": conf},
-            timeout=60,
-        )
-        if reply.status_code >= 300:
-            raise BenchmarkError(f"trigger failed: HTTP {reply.status_code} {reply.text[:500]}")
-        run_id = reply.json()["dag_run_id"]
+        run_ids: list[str] = []
+        for conf in confs:
+            reply = httpx.post(
+                f"{api}/api/v2/dags/{scenario.dag_id}/dagRuns",
+                json={"logical_date": None, "conf": conf},
+                timeout=60,
+            )
+            if reply.status_code >= 300:
+                raise BenchmarkError(f"trigger failed: HTTP {reply.status_code} {reply.text[:500]}")
+            run_ids.append(reply.json()["dag_run_id"])
+        run_id = run_ids[0]
         result["run_id"] = run_id
-        sampler.state_source = lambda: db.state_counts(scenario.dag_id, run_id)
+        if len(run_ids) > 1:
+            result["run_ids"] = run_ids
+        sampler.state_source = lambda: db.state_counts(scenario.dag_id, run_ids)
         log(
-            f"[{scenario.name}] triggered {run_id} (N={scenario.n}); waiting up to {scenario.timeout_s:.0f} s"
+            f"[{scenario.name}] triggered {len(run_ids)} run(s) of N={scenario.n} ({run_id}…); "
+            f"waiting up to {scenario.timeout_s:.0f} s"
         )
 
-        def finished() -> dict[str, Any] | None:
+        def finished() -> list[dict[str, Any]] | None:
             if standalone is not None and standalone.poll() is not None:
                 raise BenchmarkError(f"airflow standalone died during the run ({standalone.returncode})")
-            row = db.run(scenario.dag_id, run_id)
-            return row if row and str(row["state"]) in ("success", "failed") else None
+            rows = [db.run(scenario.dag_id, r) for r in run_ids]
+            done = all(row and str(row["state"]) in ("success", "failed") for row in rows)
+            return rows if done else None  # type: ignore[return-value]
 
         try:
-            run_row = wait_until(finished, scenario.timeout_s, 1.0, "the DAG run to finish")
-            state = str(run_row["state"])
+            run_rows = wait_until(finished, scenario.timeout_s, 1.0, "the DAG run(s) to finish")
+            states = {str(row["state"]) for row in run_rows}
+            state = "failed" if "failed" in states else "success"
         except BenchmarkError as exc:
             if "timed out" not in str(exc):
                 raise
-            run_row = db.run(scenario.dag_id, run_id) or {}
+            run_rows = [db.run(scenario.dag_id, r) or {} for r in run_ids]
             state = "timeout"
         t_seen = time.time()
         harness_cpu = time.process_time() - harness_cpu_at_trigger
         time.sleep(min(2.0, 4 * options.sample_interval))
         sampler.stop()
 
-        start, end = to_epoch(run_row.get("start_date")), to_epoch(run_row.get("end_date"))
+        starts = [to_epoch(row.get("start_date")) for row in run_rows]
+        ends = [to_epoch(row.get("end_date")) for row in run_rows]
+        start = min((x for x in starts if x), default=None)
+        end = max(ends) if ends and all(ends) else None  # type: ignore[type-var]
         end_or_seen = end or t_seen
-        tis = db.task_instances(scenario.dag_id, run_id)
+        run_row = run_rows[0]
+        tis = [ti for r in run_ids for ti in db.task_instances(scenario.dag_id, r)]
         ti_summary = summarize_tis(tis)
         failed_tasks = sorted(
             {ti["task_id"] for ti in tis if str(ti["state"]) in ("failed", "upstream_failed")}
@@ -1007,6 +1213,13 @@ def run_scenario(
         ]
         completed = int(ledger["status_counts"].get("completed", 0))
         images = sorted(output_dir.rglob("*.png")) if output_dir.exists() else []
+        if len(run_ids) > 1:
+            result["runs"] = [
+                {"run_id": r, "state": str(row.get("state")), "start": a, "end": b,
+                 "wall_s": _round(b - a) if a and b else None}
+                for r, row, a, b in zip(run_ids, run_rows, starts, ends, strict=True)
+            ]  # fmt: skip
+        result["batch"] = batch_figures(home, scenario, run_ids, output_dir, ledger)
         result.update(
             state=state,
             as_expected=state == scenario.expect,
@@ -1019,7 +1232,7 @@ def run_scenario(
             task_instances=ti_summary["count"],
             ti_sum_duration_s=ti_summary["sum_duration_s"],
             ti_per_task=ti_summary["per_task"],
-            ti_history_rows=db.count("task_instance_history", scenario.dag_id, run_id),
+            ti_history_rows=sum(db.count("task_instance_history", scenario.dag_id, r) or 0 for r in run_ids),
             failed_tasks=failed_tasks,
             errors=first_errors(home, scenario.dag_id, run_id, failed_tasks) if failed_tasks else [],
             ledger=ledger,
@@ -1040,6 +1253,7 @@ def run_scenario(
             sampler_cpu_s_total=round(sampler.own_cpu_s, 1),
             machine=result["machine"] | {"loadavg_at_trigger": [round(x, 2) for x in loadavg_at_trigger]},
         )
+        result["derived"] = derive_figures(result, scenario)
     except BenchmarkError as exc:
         result.update(state="harness_error", as_expected=False, error=str(exc))
         log(f"[{scenario.name}] HARNESS ERROR: {exc}")

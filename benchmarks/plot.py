@@ -7,7 +7,9 @@ invocations pooled, say), never by measuring again. Medians over repeats of a sc
 
 Draws ``scaling.png`` (our wall time and polls per image against N, with the ideal bound) when runs of
 ``imagen_batch_<N>`` at one window exist, and ``side_by_side.png`` (wall time, task instances and polls
-per image of the stock DAG, the hand loop and ours at N = 400) when those runs exist.
+per image of the stock DAG, the hand loop and ours at N = 400) when those runs exist; ``scale.png`` (the
+``scale_<N>`` runs: wall time against the bound, CPU per image by part) and ``contention.png``
+(``backfill_contention`` beside ``backfill_contention_fixed``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,94 @@ def plot_scaling(points: list[dict[str, Any]], window: int, out: Path) -> Path:
     return path
 
 
+def scale_points(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Return the ``scale_<N>`` runs (one batch task, 1 s renders) as medians by N."""
+    points = []
+    for name, scenario_runs in runs.items():
+        if not name.startswith("scale_") or "_w" in name or not scenario_runs[0].get("derived"):
+            continue  # variants at another window (``scale_10k_w1000``) are not on the curve
+
+        def cpu(part: str, rs: list[dict[str, Any]] = scenario_runs) -> float | None:
+            return median(rs, lambda r: (r["derived"].get("cpu_s_per_1000") or {}).get(part))
+
+        points.append(
+            {
+                "n": scenario_runs[0]["scenario"]["n"],
+                "window": scenario_runs[0]["scenario"]["max_in_flight"],
+                "wall": median(scenario_runs, lambda r: r.get("wall_s")),
+                "ideal": scenario_runs[0]["derived"].get("ideal_s"),
+                "worker": cpu("worker"),
+                "triggerer": cpu("triggerer"),
+                "emulator": cpu("emulator"),
+            }
+        )
+    return sorted(points, key=lambda p: p["n"])
+
+
+def plot_scale(points: list[dict[str, Any]], out: Path) -> Path:
+    """Wall time against the bound, and CPU milliseconds per image by part, against N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [p["n"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(ns, [p["wall"] for p in points], "o-", label="DAG-run wall time")
+    left.plot(ns, [p["ideal"] for p in points], "--", color="grey", label="bound N / window × 1 s")
+    left.plot(ns, [1.2 * p["ideal"] for p in points], ":", color="grey", label="1.2 × bound (target)")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("rows in one task (N)")
+    left.set_ylabel("seconds")
+    left.set_title(f"Wall time, window {points[0]['window']}, renders 1 ± 0.2 s")
+    left.legend(fontsize=8)
+    for part, color in (("worker", "tab:blue"), ("triggerer", "tab:orange"), ("emulator", "tab:grey")):
+        right.plot(ns, [p[part] for p in points], "o-", color=color, label=part)
+    right.axhline(2, linestyle=":", color="tab:red", label="target: worker + triggerer ≤ 2 ms")
+    right.set_xscale("log")
+    right.set_ylim(bottom=0)
+    right.set_xlabel("rows in one task (N)")
+    right.set_ylabel("CPU ms per image (= CPU-s per 1,000)")
+    right.set_title("CPU per image")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_contention(rows: list[tuple[str, dict[str, Any]]], out: Path) -> Path:
+    """Adaptive against fixed windows: throughput against the cap's bound, 429s per POST, windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = [
+        ("throughput, % of the cap's bound",
+         lambda r: 100 * (r["derived"].get("share_of_bound_throughput") or 0), 85),
+        ("429s, % of POSTs", lambda r: 100 * (r["batch"].get("share_429") or 0), 10),
+        ("mean window per task", lambda r: statistics.fmean(
+            [w["mean"] for w in r["batch"]["windows"] if w.get("mean") is not None] or [0]), None),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(figures), figsize=(11, 3.4))
+    for ax, (title, pick, target) in zip(axes, figures, strict=True):
+        values = [pick(r) for _, r in rows]
+        bars = ax.bar([label for label, _ in rows], values, color=["tab:blue", "tab:red"][: len(rows)])
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
+        if target is not None:
+            ax.axhline(target, linestyle=":", color="grey")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("8 batch tasks at once, window 100 each, account cap 300", fontsize=10)
+    fig.tight_layout()
+    path = out / "contention.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_side_by_side(rows: list[tuple[str, list[dict[str, Any]]]], out: Path) -> Path:
     import matplotlib
 
@@ -145,6 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(side) >= 2:
         drawn = plot_side_by_side(side, out)
         print(f"wrote {drawn}: " + ", ".join(f"{label} ×{len(r)}" for label, r in side))
+    scale = scale_points(runs)
+    if len(scale) >= 2:
+        print(f"wrote {plot_scale(scale, out)}: " + ", ".join(f"N={p['n']} {p['wall']} s" for p in scale))
+    for name in sorted(runs):
+        if name.startswith("backfill_contention") and not name.endswith("_fixed") and f"{name}_fixed" in runs:
+            pair = [("adaptive", runs[name][-1]), ("fixed", runs[f"{name}_fixed"][-1])]
+            if all(r.get("derived") and r.get("batch") for _, r in pair):
+                print(f"wrote {plot_contention(pair, out)}: {name} and {name}_fixed")
     return 0
 
 

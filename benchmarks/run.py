@@ -37,11 +37,12 @@ from benchmarks.harness import (
     RESULTS_DIR,
     Options,
     Scenario,
+    figures_line,
     run_scenario,
     table_header,
     table_row,
 )
-from benchmarks.scenarios import QUICK, SCALING, SUITE, by_name
+from benchmarks.scenarios import QUICK, SCALE, SCALING, SUITE, by_name
 
 
 def _res(result: dict[str, Any], group: str, key: str) -> Any:
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     scenarios = pick_scenarios(args)
     if args.list:
-        for scenario in [*SUITE, *SCALING, *QUICK]:
+        for scenario in [*SUITE, *SCALING, *QUICK, *SCALE]:
             head = f"{scenario.name:<20} dag={scenario.dag_id:<14} n={scenario.n:<6}"
             print(f"{head} expect={scenario.expect:<8} {scenario.note}")
         return 0
@@ -237,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         tag=args.tag,
     )
+    command = " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
+    print(f"command: {command}", flush=True)
     print(f"bytecode compiled in {compile_bytecode():.1f} s", flush=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.monotonic()
@@ -251,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(table_row(result), flush=True)
             if result.get("errors"):
                 print(f"  errors: {result['errors']}", flush=True)
+            if figures_line(result):
+                print(f"  {figures_line(result)}", flush=True)
     summary = summarize(results)
     print_summary(summary)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -258,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite_file.write_text(
         json.dumps(
             {"elapsed_s": round(time.monotonic() - started), "summary": summary,
-             "result_files": [r.get("result_file") for r in results],
+             "command": command, "result_files": [r.get("result_file") for r in results],
              "table": [table_header(), *(table_row(r) for r in results)]},
             indent=1, default=str,
         )

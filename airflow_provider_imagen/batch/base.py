@@ -66,6 +66,9 @@ class BatchSettings:
     poll_interval: float = 2.0
     #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
     check_pixel_size: bool = True
+    #: Halve the window on a submit answered 429 and grow it back by one per accepted round (AIMD; see
+    #: :attr:`RunClock.window`). ``False`` keeps ``max_in_flight`` and only waits out each 429.
+    adaptive_window: bool = True
 
     @property
     def schedule(self) -> PollSchedule:

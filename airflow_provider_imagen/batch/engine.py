@@ -260,8 +260,15 @@ class BatchPass:
         )
 
     def _adapt(self, reports: Sequence[SubmitReport], *, more_waiting: bool) -> float:
-        """Size the window from the API's answers (:meth:`RunClock.adapt_window`); return the wait asked."""
+        """Size the window from the API's answers (:meth:`RunClock.adapt_window`); return the wait asked.
+
+        Several batches on one account then share its capacity instead of each storming it with its
+        own ``max_in_flight``. With ``adaptive_window=False`` the window stays at ``max_in_flight``; a
+        429 still sets the wait.
+        """
         limited = [e for r in reports for e in r.rejected.values() if isinstance(e, RateLimitedError)]
+        if not self.settings.adaptive_window:
+            return max((e.retry_after or 1.0) for e in limited) if limited else 0.0
         before = self.window
         after = self.clock.adapt_window(
             self.settings.max_in_flight,

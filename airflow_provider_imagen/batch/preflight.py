@@ -26,6 +26,8 @@ from airflow_provider_imagen.batch.storage import local_file
 
 #: Name prefix of probe objects; starts with ``.`` so table readers and listings skip a leftover one.
 PROBE_PREFIX: Final = ".imagen-write-probe-"
+#: Tries of a local probe whose parent folder vanished meanwhile (a concurrent probe's clean-up).
+_PROBE_ATTEMPTS: Final = 5
 
 
 def probe_writable(path: ObjectStoragePath, parameter: str) -> None:
@@ -56,11 +58,19 @@ def _probe_local(folder: str) -> None:
             break
         parent = up
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        for attempt in range(_PROBE_ATTEMPTS):
+            try:
+                os.makedirs(folder, exist_ok=True)
+                probe = os.path.join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+                with open(probe, "wb"):
+                    pass
+                os.remove(probe)
+                break
+            except FileNotFoundError:
+                # Another task's probe of a sibling folder removed the parent both had just made (tasks
+                # of one backfill, each writing under a fresh shared folder): make it again.
+                if attempt == _PROBE_ATTEMPTS - 1:
+                    raise
     finally:
         for created in missing:  # deepest first; only what this probe made, and only if still empty
             try:

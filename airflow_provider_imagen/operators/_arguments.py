@@ -266,7 +266,8 @@ def check_batch_arguments(args: Mapping[str, Any]) -> None:
     whole_number("variations", args["variations"], minimum=1, maximum=MAX_VARIATIONS)
     if args["on_invalid"] not in ("record", "fail"):
         raise argument_error("on_invalid", args["on_invalid"], "must be 'record' or 'fail'")
-    for name in ("check_balance", "resubmit_unknown", "deferrable", "fail_when_all_invalid"):
+    flags = ("check_balance", "resubmit_unknown", "deferrable", "fail_when_all_invalid", "adaptive_window")
+    for name in flags:
         flag(name, args[name])
     whole_number("max_in_flight", args["max_in_flight"], minimum=1)
     whole_number("mirror_concurrency", args["mirror_concurrency"], minimum=1)

@@ -121,6 +121,9 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
+    :param adaptive_window: halve the window when the API answers a submit 429 (an account-wide limit
+        shared with other batches) and grow it back by one per accepted round; ``False`` keeps
+        ``max_in_flight`` and only waits out each 429.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
     """
@@ -167,6 +170,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         min_deferral: float | None = None,
         journal_path: str | None = None,
         check_pixel_size: bool = True,
+        adaptive_window: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -207,6 +211,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             expected_render=expected_render,
             poll_interval=poll_interval,
             check_pixel_size=check_pixel_size,
+            adaptive_window=adaptive_window,
         )
         self.schedule = self.settings.schedule
 

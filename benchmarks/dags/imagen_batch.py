@@ -58,3 +58,31 @@ with DAG(
         output_path="{{ dag_run.conf['output_uri'] }}",
         deferrable=True,
     )
+
+# One DAG whose knobs come from the environment (the harness sets them per scenario through
+# ``airflow_config``), for the scale and contention scenarios: the window, the poll schedule for fast
+# renders, the window's adaptation to 429s, and how many runs may be active at once (a backfill).
+with DAG(
+    dag_id="imagen_batch_tuned",
+    start_date=datetime(2026, 1, 1),
+    schedule=None,
+    catchup=False,
+    max_active_runs=int(os.environ.get("IMAGEN_BENCH_MAX_ACTIVE_RUNS", "16")),
+    max_active_tasks=int(os.environ.get("IMAGEN_BENCH_MAX_ACTIVE_RUNS", "16")),
+    tags=["benchmark", "ours"],
+):
+    ImagenBatchGenerateOperator(
+        task_id="generate",
+        prompts="{{ dag_run.conf['prompt_table'] }}",
+        output_path="{{ dag_run.conf['output_uri'] }}",
+        max_in_flight=int(os.environ.get("IMAGEN_BENCH_MAX_IN_FLIGHT", "100")),
+        max_submit_rate=float(os.environ["IMAGEN_BENCH_SUBMIT_RATE"])
+        if os.environ.get("IMAGEN_BENCH_SUBMIT_RATE")
+        else None,
+        expected_render=float(os.environ.get("IMAGEN_BENCH_EXPECTED_RENDER", "10")),
+        poll_interval=float(os.environ.get("IMAGEN_BENCH_POLL_INTERVAL", "2")),
+        adaptive_window=os.environ.get("IMAGEN_BENCH_ADAPTIVE", "1") != "0",
+        deferrable=True,
+        linger=float(os.environ.get("IMAGEN_BENCH_LINGER", "5")),
+        progress_interval=10.0,
+    )

@@ -251,3 +251,27 @@ def test_a_first_pass_fills_a_grown_window_without_waiting_for_an_end(
     ).run(None)
     assert not isinstance(step, Finish) and len(step.task_ids) == 250
     assert emulator.ledger()["posts"] == 250 and clock.window == 400
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: bool) -> None:
+    """``adaptive_window`` (default on) halves the window on a 429 and grows it by one per accepted
+    round; switched off, the window stays at ``max_in_flight`` and a 429 only sets the wait."""
+    from airflow_provider_imagen.api.errors import RateLimitedError
+    from airflow_provider_imagen.batch.submit import SubmitReport
+
+    now = time.time()
+    clock = RunClock(started_at=now, deadline=now + 60)
+    step = BatchPass(
+        client=None,  # type: ignore[arg-type]  # _adapt sends nothing
+        journal=Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r"),
+        specs=expand_specs([{"prompt_id": "p0", "prompt": "a lamp"}]),
+        images_root=str(tmp_path / "images"),
+        settings=BatchSettings(max_in_flight=40, adaptive_window=adaptive),
+        clock=clock,
+    )
+    limited = SubmitReport(rejected={"k": RateLimitedError("429", status_code=429, retry_after=3.0)})
+    assert step._adapt([limited], more_waiting=True) == 3.0
+    assert step.window == (20 if adaptive else 40)
+    assert step._adapt([SubmitReport(submitted={"k2": "t2"})], more_waiting=True) == 0.0
+    assert step.window == (21 if adaptive else 40)
