@@ -37,10 +37,10 @@ browser:
 typecheck: setup
 	$(PY) -m mypy
 
+# Lint, types and every test but the distributed suite; the system tests run beside the rest (see the
+# script). PYTEST_ARGS: pytest flags for both halves.
 test: setup browser
-	$(VENV)/bin/ruff check .
-	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider -m "not distributed" $(PYTEST_ARGS)
+	PY=$(PY) scripts/test_suite.sh $(PYTEST_ARGS)
 
 # The distributed suite alone (tests/distributed: CeleryExecutor over Redis, PostgreSQL, two workers, two
 # triggerers; ~15 min): installs the `distributed` extra; the tests install Debian's postgresql and

@@ -199,6 +199,7 @@ class BatchPass:
                 min_deferral=self.settings.min_deferral,
                 now=now,
                 deadline=self.clock.deadline,
+                slot_share=self.clock.slot_share(now),
             )
             if linger is not None:
                 need = 1  # on the worker, act on every end at once: mirror it, refill its place

@@ -402,7 +402,7 @@ RESUME_LATENCY: Final = 1.5
 FIRE_AHEAD: Final = 1.0
 #: The share of a try's wall time a slot-free batch may spend on the worker waiting for ends that are
 #: about to be seen (each such wait refills places at once instead of after a round trip).
-SLOT_SHARE: Final = 0.25
+SLOT_SHARE: Final = 0.28
 
 
 def streams_on_worker(schedule: PollSchedule, *, linger: float, min_deferral: float) -> bool:

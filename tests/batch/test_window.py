@@ -49,6 +49,23 @@ def test_a_batch_that_does_not_stream_defers_while_rows_wait_however_soon_the_ne
     assert decide({"a": NOW - 9}, refillable=False, stream=False) == pytest.approx(1.0 + 5.0)
 
 
+def test_a_slot_free_batch_waits_for_an_end_about_to_be_seen_while_its_slot_share_allows() -> None:
+    """Under its slot budget, an end seen within a poll interval and a quarter is awaited on the worker
+    (its place refilled at once, not after a round trip through the triggerer); over it, or for an end
+    further away, the batch defers."""
+    from airflow_provider_imagen.batch.window import SLOT_SHARE
+
+    def share(submitted: dict[str, float | None], slot_share: float) -> float | None:
+        return linger_for(
+            submitted, SCHEDULE, linger=5.0, refillable=True, stream=False, now=NOW, deadline=NOW + 3600,
+            slot_share=slot_share,
+        )  # fmt: skip
+
+    assert share({"a": NOW - 9.0}, 0.1) == pytest.approx(1.0 + 5.0)
+    assert share({"a": NOW - 9.0}, SLOT_SHARE) is None
+    assert share({"a": NOW - 6.0}, 0.1) is None  # 4 s away: more than 2 s x 1.25
+
+
 def test_with_nothing_left_to_send_an_end_due_before_a_deferral_could_end_is_awaited_on_the_worker() -> None:
     """A deferral lasts at least ``min_deferral`` (7 s): an end 6 s away is awaited here, not deferred for."""
     submitted = {"a": NOW - 4}
