@@ -142,6 +142,7 @@ class RunClock:
         ceiling: int,
         *,
         now: float,
+        in_flight: int,
         accepted: int = 0,
         held_back: bool = False,
         retry_after: float | None = None,
@@ -153,14 +154,20 @@ class RunClock:
 
         - slow start: until the first 429, each round the API takes whole while rows wait doubles the
           window, so one batch on an idle account fills it in a few rounds;
-        - additive increase: after it, the window grows by one per window's worth of accepted submits,
-          about once per render, however many rounds a batch refilling at every end runs;
+        - then it grows per window's worth of accepted submits (about once per render, however many
+          rounds a batch refilling at every end runs) by what it grew since the last 429, at least
+          one: by one right after a 429, where the account was full, then by 2, 4, … for as long as
+          the account takes everything, so places another batch left (it finished, or gave way) are
+          taken in a few renders, not one place per render;
         - multiplicative decrease: a 429 halves it, at most once per ``Retry-After``: every 429 of one
-          burst (several batches asking at once) is one signal, not one halving each.
+          burst (several batches asking at once) is one signal, not one halving each. A 429 heard with
+          nothing of the batch in flight only says "wait": the account is full of other work, and
+          halving a window that holds nothing would not lighten it.
 
         Several batches on one account then converge on its capacity instead of each storming it.
 
         :param now: the time of the round (epoch seconds).
+        :param in_flight: the batch's tasks in flight after the round.
         :param accepted: submits of the round the API accepted.
         :param held_back: rows waited for room after the round (a window that holds nothing back proves
             nothing about the account).
@@ -169,7 +176,7 @@ class RunClock:
         """
         window = self.current_window(ceiling)
         if retry_after is not None:
-            if self.calm_until is None or now >= self.calm_until:
+            if in_flight and (self.calm_until is None or now >= self.calm_until):
                 self.window = self.threshold = max(1, window // 2)
                 self.credit = 0
                 self.calm_until = now + retry_after
@@ -183,7 +190,7 @@ class RunClock:
                 grown = window
                 while self.credit >= grown and grown < ceiling:
                     self.credit -= grown
-                    grown += 1
+                    grown = min(grown + max(1, grown - self.threshold), ceiling)
                 self.window = grown
         return self.current_window(ceiling)
 

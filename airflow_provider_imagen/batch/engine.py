@@ -275,6 +275,7 @@ class BatchPass:
         after = self.clock.adapt_window(
             self.settings.max_in_flight,
             now=self.now(),
+            in_flight=len(self.index.in_flight),
             accepted=sum(len(r.submitted) for r in reports),
             held_back=more_waiting,
             retry_after=wait if limited else None,

@@ -13,7 +13,7 @@ import pytest
 
 from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
 from airflow_provider_imagen.batch.engine import BatchPass, BatchSettings, Finish, RunClock
-from airflow_provider_imagen.batch.journal import Journal
+from airflow_provider_imagen.batch.journal import Journal, new_record
 from airflow_provider_imagen.batch.manifest import RunIdentity, manifest_row
 from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
 from airflow_provider_imagen.polling import poll_tasks
@@ -220,58 +220,65 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
 
 
 def test_the_window_starts_low_doubles_until_a_429_then_halves_and_creeps() -> None:
-    """Slow start until the first 429, then one more per window's worth of accepted submits and a
-    halving per 429, never above the ceiling."""
+    """Slow start until the first 429; then growth per window's worth of accepted submits, by one at
+    first and doubling while the account takes everything; a halving per 429; never above the ceiling."""
     from airflow_provider_imagen.batch.base import START_WINDOW
 
     clock = RunClock(started_at=0.0, deadline=1.0)
     assert clock.current_window(1000) == START_WINDOW and clock.current_window(40) == 40
-    sizes = [clock.adapt_window(1000, now=1.0, accepted=100, held_back=True) for _ in range(3)]
-    assert sizes == [200, 400, 800]
-    assert clock.adapt_window(1000, now=1.0, accepted=100, held_back=False) == 800  # nothing held back
-    assert clock.adapt_window(1000, now=1.0, accepted=0, held_back=True) == 800  # nothing accepted
-    assert clock.adapt_window(1000, now=2.0, retry_after=1.0) == 400  # the account's limit
-    assert clock.adapt_window(1000, now=3.0, retry_after=1.0) == 200
-    # Additive increase counts accepted submits, not rounds: 199 rounds of one grow nothing yet.
-    assert {clock.adapt_window(1000, now=4.0, accepted=1, held_back=True) for _ in range(199)} == {200}
-    assert clock.adapt_window(1000, now=4.0, accepted=1, held_back=True) == 201
-    assert clock.adapt_window(1000, now=4.0, accepted=201 + 202, held_back=True) == 203
-    assert clock.adapt_window(1000, now=4.0, accepted=100, held_back=True) == 203 and clock.credit == 100
+
+    def grow(accepted: int, *, held_back: bool = True) -> int:
+        return clock.adapt_window(1000, now=4.0, in_flight=10, accepted=accepted, held_back=held_back)
+
+    assert [grow(100) for _ in range(3)] == [200, 400, 800]
+    assert grow(100, held_back=False) == 800  # nothing held back
+    assert grow(0) == 800  # nothing accepted
+    assert clock.adapt_window(1000, now=2.0, in_flight=500, retry_after=1.0) == 400  # the account's limit
+    assert clock.adapt_window(1000, now=3.0, in_flight=300, retry_after=1.0) == 200
+    # Growth counts accepted submits, not rounds: 199 rounds of one (199 ends refilled) grow nothing yet.
+    assert {grow(1) for _ in range(199)} == {200}
+    assert grow(1) == 201
+    assert [grow(201), grow(202), grow(204)] == [202, 204, 208]  # by one, then 2, 4, …
+    assert grow(100) == 208 and clock.credit == 100
     # The state rides the deferral: a resumed try goes on from it.
     kwargs = clock.to_kwargs()
     resumed = RunClock(
         started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "credit")}
     )
-    assert resumed.adapt_window(1000, now=5.0, accepted=103, held_back=True) == 204
+    assert resumed.adapt_window(1000, now=5.0, in_flight=10, accepted=108, held_back=True) == 216
     capped = RunClock(started_at=0.0, deadline=1.0, window=900)
-    assert capped.adapt_window(1000, now=1.0, accepted=900, held_back=True) == 1000
+    assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=900, held_back=True) == 1000
     capped.threshold = 500
-    assert capped.adapt_window(1000, now=1.0, accepted=5000, held_back=True) == 1000
-    assert RunClock(started_at=0.0, deadline=1.0, window=1).adapt_window(10, now=1.0, retry_after=1.0) == 1
+    assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=5000, held_back=True) == 1000
+    one = RunClock(started_at=0.0, deadline=1.0, window=1)
+    assert one.adapt_window(10, now=1.0, in_flight=1, retry_after=1.0) == 1
 
 
 def test_the_429s_of_one_period_halve_the_window_once() -> None:
     """Several batches that storm an account at once hear a burst of 429s over a few rounds: one
-    congestion signal per ``Retry-After``, so one halving, however many rounds heard it."""
+    congestion signal per ``Retry-After``, so one halving, however many rounds heard it. A 429 heard
+    with nothing in flight only says wait: the window holds nothing that would lighten the account."""
     clock = RunClock(started_at=0.0, deadline=1.0, window=80, threshold=80)
-    assert clock.adapt_window(100, now=10.0, retry_after=2.0) == 40
-    assert clock.adapt_window(100, now=10.5, retry_after=2.0) == 40  # the same burst
-    assert clock.adapt_window(100, now=11.9, retry_after=1.0) == 40  # not a new period yet
+    assert clock.adapt_window(100, now=10.0, in_flight=60, retry_after=2.0) == 40
+    assert clock.adapt_window(100, now=10.5, in_flight=60, retry_after=2.0) == 40  # the same burst
+    assert clock.adapt_window(100, now=11.9, in_flight=50, retry_after=1.0) == 40  # not a new period yet
     assert clock.calm_until == 12.0
-    assert clock.adapt_window(100, now=12.0, retry_after=2.0) == 20  # the account is still full
+    assert clock.adapt_window(100, now=12.0, in_flight=40, retry_after=2.0) == 20  # still full
     # A resumed try knows the period: a 429 just after the deferral is part of it.
     kwargs = clock.to_kwargs()
     resumed = RunClock(
         started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "calm_until")}
     )
-    assert resumed.adapt_window(100, now=13.0, retry_after=2.0) == 20
+    assert resumed.adapt_window(100, now=13.0, in_flight=20, retry_after=2.0) == 20
+    assert resumed.adapt_window(100, now=20.0, in_flight=0, retry_after=2.0) == 20
+    assert resumed.calm_until == 14.0
 
 
 def test_a_halved_window_holds_at_what_is_in_flight_until_the_period_ends() -> None:
     """Right after a 429 the account is full: places that free within the API's ``Retry-After`` are not
     refilled (they would hear 429 again), unless nothing of the batch is in flight at all."""
     clock = RunClock(started_at=0.0, deadline=1.0, window=80, threshold=80)
-    clock.adapt_window(100, now=10.0, retry_after=2.0)
+    clock.adapt_window(100, now=10.0, in_flight=60, retry_after=2.0)
     assert clock.current_window(100) == 40
     assert clock.current_window(100, now=11.0, in_flight=30) == 30  # held
     assert clock.current_window(100, now=11.0, in_flight=50) == 40  # never above the window
@@ -318,11 +325,20 @@ def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: boo
         settings=BatchSettings(max_in_flight=40, adaptive_window=adaptive),
         clock=clock,
     )
+    spec = step.specs[0]
+    step._fold(
+        [
+            new_record("intent", spec.key, a="a1", d=spec.digest),
+            new_record("submitted", spec.key, a="a1", task_id="t1"),
+        ]
+    )
     limited = SubmitReport(rejected={"k": RateLimitedError("429", status_code=429, retry_after=3.0)})
     assert step._adapt([limited], more_waiting=True) == 3.0
-    assert step.window == (20 if adaptive else 40)
+    assert clock.current_window(40) == (20 if adaptive else 40)
+    # Within the API's period the window holds at what is in flight (one task here).
+    assert step.window == (1 if adaptive else 40)
     assert step._adapt([SubmitReport(submitted={"k2": "t2"})], more_waiting=True) == 0.0
-    assert step.window == (20 if adaptive else 40)  # one accepted submit is not a window's worth
+    assert clock.current_window(40) == (20 if adaptive else 40)  # one accepted submit is not a window's worth
     accepted = SubmitReport(submitted={f"k{i}": f"t{i}" for i in range(3, 22)})
     assert step._adapt([accepted], more_waiting=True) == 0.0
-    assert step.window == (21 if adaptive else 40)
+    assert clock.current_window(40) == (21 if adaptive else 40)
