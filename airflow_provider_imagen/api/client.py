@@ -62,9 +62,16 @@ class ImagenClient(BaseClient):
         super().__init__(settings)
         self._http = httpx.Client(timeout=settings.timeout, transport=transport)
 
-    def submit(self, request: ImageRequest, *, idempotency_key: str | None = None) -> Task:
-        """POST one paid request; never retried once it may have created a task."""
-        return self._run(self._submit_flow(request, idempotency_key))
+    def submit(
+        self, request: ImageRequest, *, idempotency_key: str | None = None, retry_rate_limited: bool = True
+    ) -> Task:
+        """POST one paid request; never retried once it may have created a task.
+
+        :param retry_rate_limited: wait out a 429 (``Retry-After``) and send again, as the retry policy
+            allows; ``False`` raises :class:`~airflow_provider_imagen.api.errors.RateLimitedError` at
+            once, for a caller that paces its submits on the API's 429s.
+        """
+        return self._run(self._submit_flow(request, idempotency_key, retry_rate_limited=retry_rate_limited))
 
     def get_task(self, task_id: str) -> Task:
         """Return the task's current state (free; retried on transient errors)."""
@@ -151,9 +158,15 @@ class AsyncImagenClient(BaseClient):
 
             self._send, self._close = send, http.aclose
 
-    async def submit(self, request: ImageRequest, *, idempotency_key: str | None = None) -> Task:
-        """POST one paid request; never retried once it may have created a task."""
-        return await self._run(self._submit_flow(request, idempotency_key))
+    async def submit(
+        self, request: ImageRequest, *, idempotency_key: str | None = None, retry_rate_limited: bool = True
+    ) -> Task:
+        """POST one paid request; never retried once it may have created a task.
+
+        :param retry_rate_limited: as :meth:`ImagenClient.submit`'s.
+        """
+        flow = self._submit_flow(request, idempotency_key, retry_rate_limited=retry_rate_limited)
+        return await self._run(flow)
 
     async def get_task(self, task_id: str) -> Task:
         """Return the task's current state (free; retried on transient errors)."""

@@ -89,10 +89,12 @@ class BaseClient:
 
     # -- flows ---------------------------------------------------------------------------------
 
-    def _submit_flow(self, request: ImageRequest, idempotency_key: str | None) -> Flow[Task]:
+    def _submit_flow(
+        self, request: ImageRequest, idempotency_key: str | None, *, retry_rate_limited: bool = True
+    ) -> Flow[Task]:
         headers = {**self._headers, "Idempotency-Key": idempotency_key} if idempotency_key else self._headers
         call = json_call("POST", self._api_root + "/images/generations", headers, request.to_json())
-        response = yield from self._api_exchange(call, submit=True)
+        response = yield from self._api_exchange(call, submit=True, retry_rate_limited=retry_rate_limited)
         try:
             return Task.from_json(response.json())
         except ValueError as exc:
@@ -141,7 +143,7 @@ class BaseClient:
 
     # -- the one retry loop --------------------------------------------------------------------
 
-    def _api_exchange(self, call: Call, *, submit: bool) -> Flow[Reply]:
+    def _api_exchange(self, call: Call, *, submit: bool, retry_rate_limited: bool = True) -> Flow[Reply]:
         policy = self.settings.retry
 
         def error(outcome: Reply | httpx.TransportError) -> ImagenError:
@@ -151,7 +153,9 @@ class BaseClient:
                 https_assumed=self.settings.https_assumed,
             )
 
-        retry = policy.retry_submit if submit else policy.retry_safe_call
+        retry: Decider = policy.retry_safe_call
+        if submit:
+            retry = partial(policy.retry_submit, rate_limited=retry_rate_limited)
         return self._exchange(call, retry=retry, error=error)
 
     def _exchange(self, call: Call, *, retry: Decider, error: ErrorMapper) -> Flow[Reply]:

@@ -75,13 +75,19 @@ class RetryPolicy:
             return True
         return outcome.status_code in RETRYABLE_STATUSES
 
-    def retry_submit(self, attempt: int, outcome: Reply | httpx.TransportError) -> bool:
-        """Return whether a submit should be tried again: only when nothing can have been created."""
+    def retry_submit(
+        self, attempt: int, outcome: Reply | httpx.TransportError, *, rate_limited: bool = True
+    ) -> bool:
+        """Return whether a submit should be tried again: only when nothing can have been created.
+
+        :param rate_limited: whether a 429 is retried here. A caller that sizes its own load from the
+            API's 429s (a batch window) must hear each of them, so it asks for ``False``.
+        """
         if attempt >= self.max_attempts:
             return False
         if isinstance(outcome, httpx.TransportError):
             return isinstance(outcome, NOT_SENT_ERRORS)
-        return outcome.status_code == 429
+        return rate_limited and outcome.status_code == 429
 
 
 def parse_retry_after(value: str | None) -> float | None:

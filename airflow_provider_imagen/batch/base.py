@@ -66,8 +66,9 @@ class BatchSettings:
     poll_interval: float = 2.0
     #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
     check_pixel_size: bool = True
-    #: Halve the window on a submit answered 429 and grow it back by one per accepted round (AIMD; see
-    #: :attr:`RunClock.window`). ``False`` keeps ``max_in_flight`` and only waits out each 429.
+    #: Halve the window on a submit answered 429 and grow it back by one per window's worth of accepted
+    #: submits (AIMD; see :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the
+    #: client waits out each 429 and sends again.
     adaptive_window: bool = True
 
     @property
@@ -103,13 +104,16 @@ class RunClock:
     budget: int | None = None
     #: The journal lease this try claimed (see :mod:`airflow_provider_imagen.batch.fence`).
     epoch: int | None = None
-    #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`). Doubled per
-    #: round of submits the API accepts whole until its first 429, then halved on each 429 (an
-    #: account-wide limit shared with other batches) and grown by one per accepted round; never above
-    #: ``max_in_flight``.
+    #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`); never above
+    #: ``max_in_flight``. See :meth:`adapt_window`.
     window: int | None = None
     #: The window at the last 429: below it the window doubles, above it grows by one (``None``: no 429).
     threshold: int | None = None
+    #: Submits the API accepted since the window last grew by one (above ``threshold``).
+    credit: int = 0
+    #: Until when (epoch seconds) a 429 is part of the congestion that last halved the window: the
+    #: API's ``Retry-After`` from that 429. Until then the window also holds at what is in flight.
+    calm_until: float | None = None
     #: Seconds of worker slot this try's earlier processes held (each from its start to its deferral).
     held: float = 0.0
     #: When this process started (epoch seconds; not carried over: each resume is a new process).
@@ -120,33 +124,74 @@ class RunClock:
         here = now - self.resumed_at if self.resumed_at is not None else 0.0
         return (self.held + here) / max(now - self.started_at, 1e-6)
 
-    def current_window(self, ceiling: int) -> int:
-        """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``."""
-        return min(self.window or START_WINDOW, ceiling)
+    def current_window(self, ceiling: int, *, now: float | None = None, in_flight: int = 0) -> int:
+        """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``.
 
-    def adapt_window(self, ceiling: int, *, rate_limited: bool, accepted: bool) -> int:
+        Given ``now`` and the tasks ``in_flight``, a window halved less than a ``Retry-After`` ago holds
+        at what is in flight: the account was full a moment ago, and a submit before the API's period
+        is over would most likely hear 429 again. With nothing in flight it does not hold (the pass then
+        waits the period out itself, see :class:`~airflow_provider_imagen.batch.engine.BatchPass`).
+        """
+        window = min(self.window or START_WINDOW, ceiling)
+        if now is not None and in_flight and self.calm_until is not None and now < self.calm_until:
+            return min(window, in_flight)
+        return window
+
+    def adapt_window(
+        self,
+        ceiling: int,
+        *,
+        now: float,
+        in_flight: int,
+        accepted: int = 0,
+        held_back: bool = False,
+        retry_after: float | None = None,
+    ) -> int:
         """Size the window from one round of submits; return the new window.
 
         The API's capacity is not documented and is shared by every batch of the account, so the window
-        finds it: it doubles per accepted round until the first 429 (slow start), then halves on each
-        429 and grows by one per accepted round (additive increase, multiplicative decrease). Several
-        batches on one account then converge on its capacity instead of each storming it.
+        finds it, the way TCP finds a path's:
 
-        :param rate_limited: the API answered at least one submit of the round with 429.
-        :param accepted: the round sent something without a 429 while more rows waited for room (a
-            window that holds nothing back proves nothing about the account).
+        - slow start: until the first 429, each round the API takes whole while rows wait doubles the
+          window, so one batch on an idle account fills it in a few rounds;
+        - then it grows per window's worth of accepted submits (about once per render, however many
+          rounds a batch refilling at every end runs) by what it grew since the last 429, at least
+          one: by one right after a 429, where the account was full, then by 2, 4, … for as long as
+          the account takes everything, so places another batch left (it finished, or gave way) are
+          taken in a few renders, not one place per render;
+        - multiplicative decrease: a 429 halves it, at most once per ``Retry-After``: every 429 of one
+          burst (several batches asking at once) is one signal, not one halving each. A 429 heard with
+          nothing of the batch in flight only says "wait": the account is full of other work, and
+          halving a window that holds nothing would not lighten it.
+
+        Several batches on one account then converge on its capacity instead of each storming it.
+
+        :param now: the time of the round (epoch seconds).
+        :param in_flight: the batch's tasks in flight after the round.
+        :param accepted: submits of the round the API accepted.
+        :param held_back: rows waited for room after the round (a window that holds nothing back proves
+            nothing about the account).
+        :param retry_after: the API's ``Retry-After`` (seconds) when it answered a submit of the round
+            with 429; ``None`` when it answered none.
         """
         window = self.current_window(ceiling)
-        if rate_limited:
-            self.window = self.threshold = max(1, window // 2)
-        elif accepted and window < ceiling:
+        if retry_after is not None:
+            if in_flight and (self.calm_until is None or now >= self.calm_until):
+                self.window = self.threshold = max(1, window // 2)
+                self.credit = 0
+                self.calm_until = now + retry_after
+        elif accepted and held_back and window < ceiling:
             if self.threshold is None:
-                grown = window * 2
+                self.window = min(window * 2, ceiling)
             elif window < self.threshold:
-                grown = min(window * 2, self.threshold)
+                self.window = min(window * 2, self.threshold, ceiling)
             else:
-                grown = window + 1
-            self.window = min(grown, ceiling)
+                self.credit += accepted
+                grown = window
+                while self.credit >= grown and grown < ceiling:
+                    self.credit -= grown
+                    grown = min(grown + max(1, grown - self.threshold), ceiling)
+                self.window = grown
         return self.current_window(ceiling)
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -159,6 +204,8 @@ class RunClock:
             "epoch": self.epoch,
             "window": self.window,
             "threshold": self.threshold,
+            "credit": self.credit,
+            "calm_until": self.calm_until,
             "held": self.held,
         }
 

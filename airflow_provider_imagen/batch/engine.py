@@ -248,8 +248,9 @@ class BatchPass:
 
     @property
     def window(self) -> int:
-        """Return how many tasks may be in flight now (see :attr:`RunClock.window`)."""
-        return self.clock.current_window(self.settings.max_in_flight)
+        """Return how many tasks may be in flight now (see :meth:`RunClock.current_window`)."""
+        ceiling = self.settings.max_in_flight
+        return self.clock.current_window(ceiling, now=self.now(), in_flight=len(self.index.in_flight))
 
     @property
     def streams(self) -> bool:
@@ -268,18 +269,21 @@ class BatchPass:
         429 still sets the wait.
         """
         limited = [e for r in reports for e in r.rejected.values() if isinstance(e, RateLimitedError)]
+        wait = max((e.retry_after or 1.0) for e in limited) if limited else 0.0
         if not self.settings.adaptive_window:
-            return max((e.retry_after or 1.0) for e in limited) if limited else 0.0
-        before = self.window
+            return wait
+        before = self.clock.current_window(self.settings.max_in_flight)
         after = self.clock.adapt_window(
             self.settings.max_in_flight,
-            rate_limited=bool(limited),
-            accepted=more_waiting and any(r.submitted for r in reports),
+            now=self.now(),
+            in_flight=len(self.index.in_flight),
+            accepted=sum(len(r.submitted) for r in reports),
+            held_back=more_waiting,
+            retry_after=wait if limited else None,
         )
-        if limited:
+        if after < before:
             log.info("The API rate-limits submits: the window shrinks from %d to %d.", before, after)
-            return max((e.retry_after or 1.0) for e in limited)
-        return 0.0
+        return wait
 
     def _stop_reason(self) -> StopReason | None:
         """Return why no more may be submitted in this try, if anything forbids it."""
@@ -458,14 +462,16 @@ class BatchPass:
                     attempts=attempts,
                     pace=pace,
                     should_stop=lambda: dry.is_set() or self.stop.is_set(),
+                    # An adapting window hears every 429, and waits out the API's period itself.
+                    retry_rate_limited=not self.settings.adaptive_window,
                 )
             except BaseException:
                 dry.set()  # fenced, or broken: the other chunks send nothing more
                 raise
             if report.out_of_credits is not None or any(
-                isinstance(e, AuthenticationError) for e in report.rejected.values()
+                isinstance(e, (AuthenticationError, RateLimitedError)) for e in report.rejected.values()
             ):
-                dry.set()
+                dry.set()  # a 429: the account is full for now, the rest of the round would hear it too
             return report
 
         pool = ThreadPoolExecutor(max_workers=self.settings.submit_concurrency)

@@ -10,7 +10,9 @@ steps, and this is the one place that spends money. Invariants:
   ambiguous, never "not sent";
 - each intent names its attempt and the digest of its request, and each outcome names the attempt;
 - before each POST the try checks it still owns the journal (:mod:`airflow_provider_imagen.batch.fence`);
-- nothing here retries a POST: the client already retried those that provably created nothing.
+- nothing here retries a POST: the client already retried those that provably created nothing, or,
+  for a caller that paces itself on 429s (``retry_rate_limited=False``), handed each 429 back; the rest
+  of such a chunk is then not sent (the account is full now: every other POST would hear the same).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def submit_chunk(
     attempts: Mapping[str, int] | None = None,
     pace: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    retry_rate_limited: bool = True,
 ) -> SubmitReport:
     """Journal the intents, POST each request once, journal what came back.
 
@@ -104,12 +107,15 @@ def submit_chunk(
         (default: the request's own, as variation 0).
     :param attempts: key → how many task ids the key already has (for the idempotency key).
     :param pace: called before each POST; blocks as long as the submit rate bound requires.
-    :param should_stop: checked before each POST; when true, the rest of the chunk is not sent (another
-        chunk ran out of credits, or the try is stopping).
+    :param should_stop: checked before the chunk and before each POST; when true, the rest of the chunk
+        is not sent (another chunk ran out of credits or met a 429, or the try is stopping). A chunk
+        stopped before its first intent journals nothing: its keys stay as they were.
+    :param retry_rate_limited: let the client wait out a 429 and send again; ``False`` hands each 429
+        back in :attr:`SubmitReport.rejected` (nothing was created) and sends no more of the chunk.
     :raises FencedError: a newer try owns the journal; nothing more was sent (the outcomes are written).
     """
     report = SubmitReport()
-    if not requests:
+    if not requests or (should_stop is not None and should_stop()):
         return report
     ids = {key: uuid.uuid4().hex[:12] for key in requests}
     intents = [
@@ -120,9 +126,10 @@ def submit_chunk(
     report.records += intents
     on_the_wire: str | None = None
     interrupted: BaseException | None = None
+    limited = False
     try:
         for key, request in requests.items():
-            if report.out_of_credits is not None or (should_stop is not None and should_stop()):
+            if report.out_of_credits is not None or limited or (should_stop is not None and should_stop()):
                 break
             if pace is not None:
                 pace()
@@ -134,13 +141,18 @@ def submit_chunk(
             on_the_wire = key
             try:
                 task = client.submit(
-                    request, idempotency_key=idempotency_key(journal, key, (attempts or {}).get(key, 0))
+                    request,
+                    idempotency_key=idempotency_key(journal, key, (attempts or {}).get(key, 0)),
+                    retry_rate_limited=retry_rate_limited,
                 )
             except AmbiguousSubmitError as exc:
                 log.warning("Submit of %s has an unknown outcome: %s", key, exc.reason)
                 report.ambiguous[key] = exc.reason
             except InsufficientCreditsError as exc:
                 report.out_of_credits = exc
+                report.rejected[key] = exc
+            except RateLimitedError as exc:
+                limited = not retry_rate_limited
                 report.rejected[key] = exc
             except (ImagenAPIError, ImagenTransportError) as exc:
                 report.rejected[key] = exc

@@ -122,8 +122,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
     :param adaptive_window: halve the window when the API answers a submit 429 (an account-wide limit
-        shared with other batches) and grow it back by one per accepted round; ``False`` keeps
-        ``max_in_flight`` and only waits out each 429.
+        shared with other batches; once per ``Retry-After``) and grow it back by one per window's worth
+        of accepted submits; ``False`` keeps ``max_in_flight`` and only waits out each 429.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
     """
@@ -295,6 +295,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         epoch: int | None = None,
         window: int | None = None,
         threshold: int | None = None,
+        credit: int = 0,
+        calm_until: float | None = None,
         held: float = 0.0,
     ) -> dict[str, Any]:
         """Resume after the trigger: check this try still owns the journal, validate the event, go on.
@@ -316,6 +318,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             "epoch": lease.epoch,
             "window": window,
             "threshold": threshold,
+            "credit": credit,
+            "calm_until": calm_until,
             "held": held,
             "resumed_at": _process_started(clocks[lease.epoch]["started_at"]),
         }

@@ -34,6 +34,7 @@ from airflow_provider_imagen.api import (
     ImageRequest,
     InsufficientCreditsError,
     InvalidRequestError,
+    RateLimitedError,
     RetryPolicy,
     ServerError,
     Task,
@@ -203,6 +204,18 @@ class TestRetries:
         ledger = emulator.ledger()
         assert task.id and ledger["rate_limited"] >= 1
         assert ledger["submissions_by_prompt"] == {"rate limited then accepted": 1}
+
+    async def test_a_submit_asked_not_to_wait_hands_the_429_back_at_once(
+        self, client: Any, emulator: Any
+    ) -> None:
+        """A caller that paces itself on 429s hears each one: one POST, nothing created, the wait asked."""
+        emulator.configure(rate_limit_rps=0.5)
+        await client.get_balance()
+        with pytest.raises(RateLimitedError) as info:
+            await client.submit(ImageRequest("rate limited, handed back"), retry_rate_limited=False)
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        ledger = emulator.ledger()
+        assert ledger["posts"] == 1 and ledger["tasks_created"] == 0 and ledger["credits_charged"] == 0
 
     async def test_gets_retry_5xx_then_give_up(self, client: Any, emulator: Any) -> None:
         emulator.configure(error_rate_5xx=1.0)

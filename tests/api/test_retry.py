@@ -39,6 +39,11 @@ class TestSubmits:
     def test_429_is_retried_because_nothing_was_created(self) -> None:
         assert RetryPolicy().retry_submit(1, response(429))
 
+    def test_429_is_handed_back_to_a_caller_that_paces_itself(self) -> None:
+        policy = RetryPolicy()
+        assert not policy.retry_submit(1, response(429), rate_limited=False)
+        assert policy.retry_submit(1, httpx.ConnectError("refused"), rate_limited=False)
+
     @pytest.mark.parametrize(
         "exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("t"), httpx.PoolTimeout("p")]
     )

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_imagen.api.client import ClientSettings, ImagenClient
+from airflow_provider_imagen.api.errors import RateLimitedError
 from airflow_provider_imagen.api.models import ImageRequest
 from airflow_provider_imagen.batch.fence import FencedError
 from airflow_provider_imagen.batch.journal import Journal
@@ -128,3 +129,35 @@ def test_a_try_that_loses_the_lease_mid_chunk_stops_before_its_next_post(
     entries = b.load()
     assert sorted(e.charged_submits for e in entries.values()) == [0, 0, 1]
     assert sum(1 for e in entries.values() if e.task_id) == 1
+
+
+def test_a_chunk_that_meets_a_429_hands_it_back_and_sends_no_more(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """With ``retry_rate_limited=False`` (a batch window), the first 429 ends the chunk: the account is
+    full, and the rest would hear the same. The refused key and those after it are journalled as
+    created nothing (to send again), never as unknown: no row fails, nothing is paid twice."""
+    emulator.configure(max_concurrent_renders=1, latency_mean=5.0, latency_jitter=0.0)
+    j = journal(tmp_path)
+    report = submit_chunk(client, j, requests(4), retry_rate_limited=False)
+    assert len(report.submitted) == 1 and emulator.ledger()["posts"] == 2
+    assert isinstance(report.rejected["p1|1:1|v0"], RateLimitedError)
+    entries = j.load()
+    assert sorted(e.rejected_kind or "" for e in entries.values()) == [
+        "",
+        "not_sent",
+        "not_sent",
+        "rate_limited",
+    ]
+    assert all(not e.unknown_submit for e in entries.values())
+    assert sum(e.charged_submits for e in entries.values()) == 1
+
+
+def test_a_chunk_whose_turn_comes_after_a_stop_journals_nothing(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """Another chunk of the round met a 429 (or ran dry) first: this one writes no intent and sends
+    nothing, so its keys stay as they were, ready for the next round."""
+    j = journal(tmp_path)
+    report = submit_chunk(client, j, requests(3), should_stop=lambda: True)
+    assert not report.records and emulator.ledger()["posts"] == 0 and not j.load()
