@@ -85,6 +85,24 @@ def patiently(call: Callable[[], T], *, deadline: float, what: str) -> T:
             time.sleep(wait)
 
 
+def entries_for_next_pass(
+    journal: Journal, entries: MutableMapping[str, JournalEntry]
+) -> MutableMapping[str, JournalEntry] | None:
+    """Return what the next pass of this process starts from, or ``None`` when it must read the journal.
+
+    Passes in one process follow each other: the next starts from what this one folded in, and keeps
+    its window index. After ``compact_over`` writes the segments are compacted (a long stream on an
+    object store would otherwise leave thousands for a later read), from memory when only this object
+    wrote them since its last read: a full read costs O(rows), and a stream does it every few hundred
+    images. Another writer's file (a fenced older try) asks for the full read, which compacts it too.
+    """
+    if journal.appended <= journal.compact_over:
+        return entries
+    if isinstance(entries, JournalEntries) and journal.compact_appended(entries):
+        return entries
+    return None
+
+
 def budget_with_balance(max_credits: int | None, *, balance: int, entries: Mapping[str, JournalEntry]) -> int:
     """Return a try's budget capped by what the account can still pay, each credit counted once.
 

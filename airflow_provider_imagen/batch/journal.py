@@ -365,6 +365,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         #: Key → (level, row) in the state snapshots; later levels override earlier ones.
         self._where: dict[str, tuple[int, int]] = {}
         self._levels: list[pa.Table] = []
+        #: Columns of each level read into lists, each on first use (a stream's levels need none).
         self._columns: list[dict[str, list[Any]]] = []
         #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
         self.materialized = 0
@@ -373,10 +374,10 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
         level = len(self._levels)
         self._levels.append(table)
-        columns = {name: table.column(name).to_pylist() for name in ("key", "digest", "settled", "charged")}
-        self._columns.append(columns)
-        self._where.update((key, (level, row)) for row, key in enumerate(columns["key"]))
-        for key in columns["key"]:
+        self._columns.append({})
+        keys = table.column("key").to_pylist()
+        self._where.update((key, (level, row)) for row, key in enumerate(keys))
+        for key in keys:
             self._live.pop(key, None)
 
     def replace_levels(self, merged: int, table: pa.Table) -> None:
@@ -390,12 +391,19 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
             del self._columns[-merged:]
         level = len(self._levels)
         self._levels.append(table)
-        columns = {name: table.column(name).to_pylist() for name in ("key", "digest", "settled", "charged")}
-        self._columns.append(columns)
-        self._where.update((key, (level, row)) for row, key in enumerate(columns["key"]))
-        for key, settled in zip(columns["key"], columns["settled"], strict=True):
+        self._columns.append({})
+        keys = table.column("key").to_pylist()
+        self._where.update((key, (level, row)) for row, key in enumerate(keys))
+        for key, settled in zip(keys, table.column("settled").to_pylist(), strict=True):
             if settled is not None:
                 self._live.pop(key, None)
+
+    def _column(self, level: int, name: str) -> list[Any]:
+        columns = self._columns[level]
+        values = columns.get(name)
+        if values is None:
+            values = columns[name] = self._levels[level].column(name).to_pylist()
+        return values
 
     def peek(self, key: str) -> JournalEntry | None:
         """Return the entry of ``key`` (``None`` if absent) without keeping it in memory when unread.
@@ -418,7 +426,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """
         yield from list(self._live.items())
         for key, (level, row) in list(self._where.items()):
-            if key not in self._live and self._columns[level]["settled"][row] is None:
+            if key not in self._live and self._column(level, "settled")[row] is None:
                 yield key, self[key]
 
     def settled(self, key: str, digest: str | None) -> tuple[str, int] | None:
@@ -432,20 +440,19 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         where = self._where.get(key)
         if where is None:
             return None
-        columns = self._columns[where[0]]
-        row = where[1]
-        category = columns["settled"][row]
-        stored = columns["digest"][row]
+        level, row = where
+        category = self._column(level, "settled")[row]
+        stored = self._column(level, "digest")[row]
         if category is None or (digest is not None and stored is not None and stored != digest):
             return None
-        return category, int(columns["charged"][row])
+        return category, int(self._column(level, "charged")[row])
 
     def charged_total(self) -> int:
         """Return the charged submits of every entry, reading only those already read."""
         total = sum(e.charged_submits for e in self._live.values())
         for key, (level, row) in self._where.items():
             if key not in self._live:
-                total += int(self._columns[level]["charged"][row])
+                total += int(self._column(level, "charged")[row])
         return total
 
     def attempted_since(self, since: float) -> Iterator[JournalEntry]:

@@ -352,7 +352,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         client: Any,
         entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from airflow_provider_imagen.batch.engine import BatchPass  # pyarrow: not at DAG parse
+        # pyarrow: not at DAG parse
+        from airflow_provider_imagen.batch.engine import BatchPass, entries_for_next_pass
 
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
@@ -371,17 +372,12 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 stop=stop_event(self),
             )
             step = batch.run(outcome, sweep=sweep)
-            # Passes in one process follow each other: the next starts from what this one folded in
-            # instead of reading every segment again (a resume on a worker reads the journal afresh).
-            # After many writes the segments are compacted (a long stream on an object store would
-            # otherwise leave thousands for the final read), from memory when only this try wrote them.
-            entries = batch.entries
-            if journal.appended > journal.compact_over and not (
-                isinstance(entries, JournalEntries) and journal.compact_appended(entries)
-            ):
-                entries = None  # another writer's files: read them all, which compacts them too
+            # The next pass starts from what this one folded in (a resume on a worker reads afresh).
+            entries = entries_for_next_pass(journal, batch.entries)
             index = batch.index  # used only beside the entries it was built from
             if isinstance(step, Finish):
+                # The end reads the journal afresh: this process's copy need not stay beside it.
+                del entries, index, batch
                 return self._finish(context, specs, journal, step, clock)
             if self.deferrable and step.linger is None:
                 if clock.resumed_at is not None:  # this process's slot time ends with the deferral
