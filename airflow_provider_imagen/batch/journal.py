@@ -712,20 +712,10 @@ class Journal:
         journal holds only files that read found or this object wrote since: any other file (another
         writer's, or a compaction by another reader) needs a full read, which compacts it all.
         """
-        folded = self._folded
-        if folded is None or folded.entries is not entries:
+        own = self._own_since_read(entries)
+        if own is None:
             return False
-        with self._lock:
-            mine = list(self._mine)
-        changed = set(folded.changed)
-        for _, keys in mine:
-            changed.update(keys)
-        if any(key not in entries for key in changed):
-            return False  # a record the caller never folded in: only the files say what happened
-        expected = {p.name for p, _ in folded.levels} | {p.name for p in folded.texts} | folded.stale
-        expected |= {p.name for p, _ in mine}
-        if {p.name for p in self._segments()} != expected:
-            return False
+        folded, mine, changed = own
         texts = [(p, "") for p in folded.texts] + [(p, "") for p, _ in mine]
         folded.texts = [p for p, _ in texts]
         folded.changed = changed
@@ -734,6 +724,37 @@ class Journal:
             del self._mine[: len(mine)]
             self.appended = len(self._mine)
         return True
+
+    def holds_only(self, entries: JournalEntries) -> bool:
+        """Return whether ``entries`` holds the whole journal: its last read and this object's writes since.
+
+        ``False`` when another writer's file is there (or ``entries`` is not what the last read
+        returned): only a read of the journal then says everything.
+        """
+        return self._own_since_read(entries) is not None
+
+    def _own_since_read(
+        self, entries: JournalEntries
+    ) -> tuple[_Folded, list[tuple[ObjectStoragePath, set[str]]], set[str]] | None:
+        """Return what the last read folded, this object's segments since and the keys they name.
+
+        ``None`` unless the folder holds exactly those files and ``entries`` has every key they name.
+        """
+        folded = self._folded
+        if folded is None or folded.entries is not entries:
+            return None
+        with self._lock:
+            mine = list(self._mine)
+        changed = set(folded.changed)
+        for _, keys in mine:
+            changed.update(keys)
+        if any(key not in entries for key in changed):
+            return None  # a record the caller never folded in: only the files say what happened
+        expected = {p.name for p, _ in folded.levels} | {p.name for p in folded.texts} | folded.stale
+        expected |= {p.name for p, _ in mine}
+        if {p.name for p in self._segments()} != expected:
+            return None
+        return folded, mine, changed
 
     def _compact_into(self, folded: _Folded, texts: list[tuple[ObjectStoragePath, str]]) -> None:
         """Compact what ``folded`` left as it is; keep ``folded`` and its entries in step with the files."""

@@ -376,9 +376,12 @@ class ImagenBatchGenerateOperator(BaseOperator):
             entries = entries_for_next_pass(journal, batch.entries)
             index = batch.index  # used only beside the entries it was built from
             if isinstance(step, Finish):
-                # The end reads the journal afresh: this process's copy need not stay beside it.
+                # What this process folded is the whole journal when no other writer's file is there;
+                # otherwise the end reads it afresh.
+                done = batch.entries
+                current = isinstance(done, JournalEntries) and journal.holds_only(done)
                 del entries, index, batch
-                return self._finish(context, specs, journal, step, clock)
+                return self._finish(context, specs, journal, step, clock, done if current else None)
             if self.deferrable and step.linger is None:
                 if clock.resumed_at is not None:  # this process's slot time ends with the deferral
                     clock.held += time.time() - clock.resumed_at
@@ -415,7 +418,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
             sweep = False
 
     def _finish(
-        self, context: Context, specs: Sequence[ImageSpec], journal: Journal, finish: Finish, clock: RunClock
+        self,
+        context: Context,
+        specs: Sequence[ImageSpec],
+        journal: Journal,
+        finish: Finish,
+        clock: RunClock,
+        entries: MutableMapping[str, JournalEntry] | None = None,
     ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.manifest import (
             RunIdentity,
@@ -424,7 +433,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             write_manifest_stream,
         )
 
-        entries = journal.load()
+        if entries is None:
+            entries = journal.load()
         identity = RunIdentity.from_context(context)
         left_unsent = 0
         this_try = {"submitted": 0, "reattached": 0, "credits": 0}

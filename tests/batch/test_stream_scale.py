@@ -129,7 +129,7 @@ def test_compacting_from_memory_writes_what_a_full_read_would(tmp_path: Path) ->
         fold(journal, entries, index, [new_record("intent", spec.key, a="c", d=spec.digest)])
         fold(journal, entries, index, [new_record("submitted", spec.key, a="c", task_id=f"u-{spec.key}")])
     assert journal.compact_appended(entries)
-    assert journal.appended == 0
+    assert journal.appended == 0 and journal.holds_only(entries)
     names = [p.name for p in journal._segments()]
     assert all(name.endswith(".arrow") for name in names)  # every segment folded, none left
     again = Journal(str(tmp_path), dag_id="d", task_id="t", run_id="r400").load()
@@ -148,6 +148,7 @@ def test_another_writers_segment_makes_the_stream_read_the_journal_again(tmp_pat
     other._next_seq = 10**6
     other.append([new_record("rejected", spec.key, a="d", refusal="not_sent", reason="not sent")])
     assert not journal.compact_appended(entries)
+    assert not journal.holds_only(entries)  # the run's end reads the journal again
     journal.compact_over = 0
     assert entries_for_next_pass(journal, entries) is None
     assert journal.load()[spec.key].rejected_kind == "not_sent"
