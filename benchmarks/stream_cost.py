@@ -8,7 +8,10 @@ prints the CPU of that process per image, its peak RSS and its wall time:
 
     python -m benchmarks.stream_cost [--sizes 10000,100000] [--repeats 1] [--window 200]
 
-Each size runs in its own process (peak RSS is per process); the emulator's CPU is not counted.
+Each size runs in its own process (peak RSS is per process); the emulator's CPU is not counted. The
+settings are the scale scenarios': renders 1 ± 0.2 s of stock images, window 200, first poll at 1 s then
+every 0.25 s, ``linger`` 5 s, refill on the worker (``check_pixel_size`` off). ``--one N --base-url URL
+--profile FILE`` runs one batch here against a running emulator and writes a cProfile of it.
 """
 
 from __future__ import annotations
