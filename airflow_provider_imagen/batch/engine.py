@@ -85,6 +85,24 @@ def patiently(call: Callable[[], T], *, deadline: float, what: str) -> T:
             time.sleep(wait)
 
 
+def entries_for_next_pass(
+    journal: Journal, entries: MutableMapping[str, JournalEntry]
+) -> MutableMapping[str, JournalEntry] | None:
+    """Return what the next pass of this process starts from, or ``None`` when it must read the journal.
+
+    Passes in one process follow each other: the next starts from what this one folded in, and keeps
+    its window index. After ``compact_over`` writes the segments are compacted (a long stream on an
+    object store would otherwise leave thousands for a later read), from memory when only this object
+    wrote them since its last read: a full read costs O(rows), and a stream does it every few hundred
+    images. Another writer's file (a fenced older try) asks for the full read, which compacts it too.
+    """
+    if journal.appended <= journal.compact_over:
+        return entries
+    if isinstance(entries, JournalEntries) and journal.compact_appended(entries):
+        return entries
+    return None
+
+
 def budget_with_balance(max_credits: int | None, *, balance: int, entries: Mapping[str, JournalEntry]) -> int:
     """Return a try's budget capped by what the account can still pay, each credit counted once.
 
@@ -538,16 +556,7 @@ class BatchPass:
         left = plan.total - plan.done
         eta = f"{left / rate:,.0f} s" if rate > 0 and left else ("0 s" if not left else "unknown")
         budget = f" of budget {self.clock.budget:,}" if self.clock.budget is not None else ""
-        # Entries with no intent since the try started cost nothing in it: a snapshot's are not read.
-        since = self.clock.started_at
-        recent = (
-            self.entries.attempted_since(since)
-            if isinstance(self.entries, JournalEntries)
-            else self.entries.values()
-        )
-        paid_now = CREDITS_PER_IMAGE * sum(
-            e.charged_since(since) for e in recent if e.key in self.index.position
-        )
+        paid_now = self.index.paid_since(self.clock.started_at)
         log.info(
             "Progress: %d/%d done, %d in flight (window %d), %d waiting, %d failed, %d moderated, "
             "%d unknown; credits %s%s ($%.2f; paid in this try %s, earlier %s); %.1f images/min; ETA %s",
@@ -596,7 +605,14 @@ class BatchPass:
                 finish.error = finish.error or reason
         if stop in ("authentication", "unreachable"):
             finish.stopped = stop
-        for key, entry in self.entries.items():
+        # Settled keys (a snapshot's finished rows) owe nothing here: reading them all would build 10^5
+        # entries at the end of a long stream.
+        items = (
+            self.entries.unsettled_items()
+            if isinstance(self.entries, JournalEntries)
+            else self.entries.items()
+        )
+        for key, entry in items:
             i = self.index.position.get(key)
             if i is None or not entry.matches(self.specs[i].digest):
                 continue

@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -364,6 +365,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         #: Key → (level, row) in the state snapshots; later levels override earlier ones.
         self._where: dict[str, tuple[int, int]] = {}
         self._levels: list[pa.Table] = []
+        #: Columns of each level read into lists, each on first use (a stream's levels need none).
         self._columns: list[dict[str, list[Any]]] = []
         #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
         self.materialized = 0
@@ -372,11 +374,60 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
         level = len(self._levels)
         self._levels.append(table)
-        columns = {name: table.column(name).to_pylist() for name in ("key", "digest", "settled", "charged")}
-        self._columns.append(columns)
-        self._where.update((key, (level, row)) for row, key in enumerate(columns["key"]))
-        for key in columns["key"]:
+        self._columns.append({})
+        keys = table.column("key").to_pylist()
+        self._where.update((key, (level, row)) for row, key in enumerate(keys))
+        for key in keys:
             self._live.pop(key, None)
+
+    def replace_levels(self, merged: int, table: pa.Table) -> None:
+        """Put ``table`` in place of the newest ``merged`` levels it was merged from, then lay it over.
+
+        Entries it holds as settled are dropped from memory (they are read again if ever used): a long
+        stream keeps the entries of its window, not of every row it finished.
+        """
+        if merged:
+            del self._levels[-merged:]
+            del self._columns[-merged:]
+        level = len(self._levels)
+        self._levels.append(table)
+        self._columns.append({})
+        keys = table.column("key").to_pylist()
+        self._where.update((key, (level, row)) for row, key in enumerate(keys))
+        for key, settled in zip(keys, table.column("settled").to_pylist(), strict=True):
+            if settled is not None:
+                self._live.pop(key, None)
+
+    def _column(self, level: int, name: str) -> list[Any]:
+        columns = self._columns[level]
+        values = columns.get(name)
+        if values is None:
+            values = columns[name] = self._levels[level].column(name).to_pylist()
+        return values
+
+    def peek(self, key: str) -> JournalEntry | None:
+        """Return the entry of ``key`` (``None`` if absent) without keeping it in memory when unread.
+
+        For one look at every key (the manifest at a run's end): ``get`` would keep them all.
+        """
+        entry = self._live.get(key)
+        if entry is not None:
+            return entry
+        where = self._where.get(key)
+        if where is None:
+            return None
+        return JournalEntry.from_state(key, self._levels[where[0]].column("entry")[where[1]].as_py())
+
+    def unsettled_items(self) -> Iterator[tuple[str, JournalEntry]]:
+        """Yield the entries read so far and those a snapshot holds as not settled, reading only those.
+
+        Settled keys (completed and mirrored, failed, moderated) owe nothing to a run's end: no
+        override, nothing left to mirror.
+        """
+        yield from list(self._live.items())
+        for key, (level, row) in list(self._where.items()):
+            if key not in self._live and self._column(level, "settled")[row] is None:
+                yield key, self[key]
 
     def settled(self, key: str, digest: str | None) -> tuple[str, int] | None:
         """Return (category, charged submits) of a key settled in a snapshot and not read since.
@@ -389,20 +440,19 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         where = self._where.get(key)
         if where is None:
             return None
-        columns = self._columns[where[0]]
-        row = where[1]
-        category = columns["settled"][row]
-        stored = columns["digest"][row]
+        level, row = where
+        category = self._column(level, "settled")[row]
+        stored = self._column(level, "digest")[row]
         if category is None or (digest is not None and stored is not None and stored != digest):
             return None
-        return category, int(columns["charged"][row])
+        return category, int(self._column(level, "charged")[row])
 
     def charged_total(self) -> int:
         """Return the charged submits of every entry, reading only those already read."""
         total = sum(e.charged_submits for e in self._live.values())
         for key, (level, row) in self._where.items():
             if key not in self._live:
-                total += int(self._columns[level]["charged"][row])
+                total += int(self._column(level, "charged")[row])
         return total
 
     def attempted_since(self, since: float) -> Iterator[JournalEntry]:
@@ -466,6 +516,20 @@ def _state_table(entries: list[JournalEntry]) -> pa.Table:
     return pa.Table.from_pydict(rows, schema=state_schema())
 
 
+@dataclass
+class _Folded:
+    """What one read folded into ``entries`` and which files hold it, kept in step by compactions."""
+
+    entries: JournalEntries
+    #: The live state snapshots, oldest first, as laid into ``entries``.
+    levels: list[tuple[ObjectStoragePath, pa.Table]]
+    #: Segments folded into ``entries`` that no snapshot holds yet, and the keys they name.
+    texts: list[ObjectStoragePath]
+    changed: set[str]
+    #: Files a snapshot holds that were still there (a compactor stopped before deleting them).
+    stale: set[str]
+
+
 class JournalReadError(RuntimeError):
     """A journal segment exists but cannot be read: refuse to guess, or we might pay twice."""
 
@@ -502,6 +566,12 @@ class Journal:
         self.lease: Lease | None = None
         #: Each try's clock (started_at, deadline, budget…) by its lease epoch, as of the last read.
         self.tries: dict[int, dict[str, Any]] = {}
+        #: What the last read folded and left as it is, so that this object's own later segments can
+        #: be compacted without reading the journal again (see :meth:`compact_appended`).
+        self._folded: _Folded | None = None
+        #: Segments written by this object since its last read or compaction, with the keys they name.
+        self._mine: list[tuple[ObjectStoragePath, set[str]]] = []
+        self._lock = threading.Lock()
         self.path = (
             as_path(root) / path_part(dag_id) / path_part(run_id) / path_part(task_id) / f"map_{map_index}"
         )
@@ -589,9 +659,15 @@ class Journal:
                 changed.update(_fold_text(entries, tries, path, text))
             self.tries = tries
             self._next_seq = max(self._next_seq or 0, *(_seq(p.name) + 1 for p in files), 1)
+            folded = _Folded(entries, levels, [p for p, _ in texts], changed, held & present)
             if len(files) > self.compact_over:
-                self._compact(entries, tries, levels, texts, changed, held & present)
-            self.appended = 0
+                self._compact_into(folded, texts)
+            # A record snapshot of the older format names what it holds in its text: only a full read
+            # (which folds it into a state snapshot) keeps those names.
+            self._folded = None if any(_holds(text) for _, text in texts) else folded
+            with self._lock:
+                self._mine = []
+                self.appended = 0
             return entries
         raise JournalReadError(f"{self.path}: segments kept vanishing while reading ({_LOAD_ATTEMPTS} tries)")
 
@@ -624,6 +700,73 @@ class Journal:
         except Exception as exc:
             raise JournalReadError(f"cannot read journal segment {segment}: {exc}") from exc
 
+    def compact_appended(self, entries: JournalEntries) -> bool:
+        """Fold the segments this object wrote since its last read into a state snapshot, reading none.
+
+        Why: a batch streaming on one worker writes a few segments per image; folding them with a full
+        read every few hundred writes costs O(rows) each time, O(rows²) over a run. The records of its
+        own segments are already in ``entries`` (the caller folded each one it wrote), so the snapshot
+        is written from memory, exactly as :meth:`load` would write it from the files.
+
+        Returns ``False``, doing nothing, unless ``entries`` is what the last read returned and the
+        journal holds only files that read found or this object wrote since: any other file (another
+        writer's, or a compaction by another reader) needs a full read, which compacts it all.
+        """
+        own = self._own_since_read(entries)
+        if own is None:
+            return False
+        folded, mine, changed = own
+        texts = [(p, "") for p in folded.texts] + [(p, "") for p, _ in mine]
+        folded.texts = [p for p, _ in texts]
+        folded.changed = changed
+        self._compact_into(folded, texts)
+        with self._lock:
+            del self._mine[: len(mine)]
+            self.appended = len(self._mine)
+        return True
+
+    def holds_only(self, entries: JournalEntries) -> bool:
+        """Return whether ``entries`` holds the whole journal: its last read and this object's writes since.
+
+        ``False`` when another writer's file is there (or ``entries`` is not what the last read
+        returned): only a read of the journal then says everything.
+        """
+        return self._own_since_read(entries) is not None
+
+    def _own_since_read(
+        self, entries: JournalEntries
+    ) -> tuple[_Folded, list[tuple[ObjectStoragePath, set[str]]], set[str]] | None:
+        """Return what the last read folded, this object's segments since and the keys they name.
+
+        ``None`` unless the folder holds exactly those files and ``entries`` has every key they name.
+        """
+        folded = self._folded
+        if folded is None or folded.entries is not entries:
+            return None
+        with self._lock:
+            mine = list(self._mine)
+        changed = set(folded.changed)
+        for _, keys in mine:
+            changed.update(keys)
+        if any(key not in entries for key in changed):
+            return None  # a record the caller never folded in: only the files say what happened
+        expected = {p.name for p, _ in folded.levels} | {p.name for p in folded.texts} | folded.stale
+        expected |= {p.name for p, _ in mine}
+        if {p.name for p in self._segments()} != expected:
+            return None
+        return folded, mine, changed
+
+    def _compact_into(self, folded: _Folded, texts: list[tuple[ObjectStoragePath, str]]) -> None:
+        """Compact what ``folded`` left as it is; keep ``folded`` and its entries in step with the files."""
+        written = self._compact(
+            folded.entries, self.tries, folded.levels, texts, folded.changed, folded.stale
+        )
+        if written is not None:
+            path, table, merged = written
+            folded.levels = [*folded.levels[: len(folded.levels) - merged], (path, table)]
+            folded.entries.replace_levels(merged, table)
+        folded.texts, folded.changed, folded.stale = [], set(), set()
+
     def _compact(
         self,
         entries: JournalEntries,
@@ -632,7 +775,7 @@ class Journal:
         texts: list[tuple[ObjectStoragePath, str]],
         changed: set[str],
         stale: set[str],
-    ) -> None:
+    ) -> tuple[ObjectStoragePath, pa.Table, int] | None:
         """Fold the segments read into a state snapshot: a new level of the keys they changed.
 
         A new level holds, for each key the segments name, its whole entry as folded now; earlier
@@ -659,7 +802,7 @@ class Journal:
             table = _latest_rows([*(t for _, t in levels[-merged:]), table])
             folded = [path for path, _ in levels[-merged:]] + folded
         if not folded:
-            return
+            return None
         present = {path.name for path in folded} | stale
         holds = set(stale)
         for path in folded:
@@ -683,6 +826,7 @@ class Journal:
         for path in [*folded, *(self.path / name for name in sorted(stale))]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        return self.path / name, table, merged
 
     def _segments(self) -> list[ObjectStoragePath]:
         try:
@@ -698,18 +842,24 @@ class Journal:
     def append(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Write ``records`` as one new immutable segment, durable when this returns."""
         lines = []
+        keys: set[str] = set()
         for record in records:
             if record.get("e") not in RECORD_KINDS:
                 raise ValueError(f"unknown journal record kind {record.get('e')!r}")
+            if record["e"] != "try":
+                keys.add(record["k"])
             lines.append(json.dumps(dict(record), ensure_ascii=False, separators=(",", ":")))
         if not lines:
             return
         if self._next_seq is None:  # never listed: continue after what is there
             self._next_seq = max((_seq(p.name) + 1 for p in self._segments()), default=1)
-        name = f"{self._next_seq:020d}-{_WRITER}-{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}"
-        self._next_seq += 1
+        with self._lock:
+            name = f"{self._next_seq:020d}-{_WRITER}-{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}"
+            self._next_seq += 1
         write_whole(self.path / name, ("\n".join(lines) + "\n").encode("utf-8"))
-        self.appended += 1
+        with self._lock:
+            self._mine.append((self.path / name, keys))
+            self.appended += 1
 
 
 def new_record(kind: RecordKind, key: str, **fields: Any) -> dict[str, Any]:

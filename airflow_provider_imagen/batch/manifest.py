@@ -359,7 +359,8 @@ def write_manifest_stream(
             for row in part:
                 counts[row["status"]] += 1
                 credits += int(row["credits"])
-                mine.add((row["prompt_id"], row["size"], row["variation"]))
+                if earlier_bytes is not None:  # only to tell which earlier rows these replace
+                    mine.add((row["prompt_id"], row["size"], row["variation"]))
             written += len(part)
             writer.write_table(table)
 

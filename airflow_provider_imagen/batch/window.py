@@ -243,7 +243,6 @@ class WindowIndex:
         self._charge: list[int] = []
         self.in_flight: dict[str, str] = {}
         self._task_key: dict[str, str] = {}
-        self._all_tasks = False
         self._sets: dict[str, set[int]] = {TO_MIRROR: set(), UNKNOWN: set(), REJECTED: set()}
         self._counts: dict[str, int] = dict.fromkeys((INVALID, UNSENT, MODERATED, FAILED, DONE), 0)
         self.committed = 0
@@ -256,6 +255,10 @@ class WindowIndex:
         self.stopping: Literal["authentication", "insufficient_credits"] | None = None
         #: Settled keys whose entries were not read (their task ids are looked up only when asked).
         self._entries = entries
+        #: Credits each spec may have cost since :attr:`_since`, kept once asked (see :meth:`paid_since`).
+        self._paid: list[int] | None = None
+        self._paid_total = 0
+        self._since = 0.0
         settled = entries.settled if isinstance(entries, JournalEntries) else None
         for i, key in enumerate(keys):
             if settled is not None and valid[i]:
@@ -276,19 +279,31 @@ class WindowIndex:
             self._add(i, category, entry)
 
     def task_key(self, task_id: str) -> str | None:
-        """Return the key whose current task is ``task_id``.
+        """Return the key whose current task is ``task_id``, if that task is in flight.
 
-        Keys classified from a snapshot without their entry (ended long ago) are not in the map: an
-        unknown task id looks them up once, reading every entry (no pass asks about such a task).
+        Polls ask only about tasks in flight; a task that has ended already has its outcome, so the map
+        holds the window, not every task of the run.
         """
-        found = self._task_key.get(task_id)
-        if found is None and isinstance(self._entries, JournalEntries) and not self._all_tasks:
-            self._all_tasks = True
-            for key, entry in self._entries.items():
-                if entry.task_id and key in self.position:
-                    self._task_key.setdefault(entry.task_id, key)
-            found = self._task_key.get(task_id)
-        return found
+        return self._task_key.get(task_id)
+
+    def paid_since(self, since: float) -> int:
+        """Return the credits that may have been charged for POSTs made at or after ``since``.
+
+        The first call reads every entry with an intent since then; later ones add what :meth:`touch`
+        changed, so a progress line costs O(changes), not O(rows).
+        """
+        if self._paid is None or since != self._since:
+            self._paid, self._since = [0] * len(self._keys), since
+            entries = self._entries
+            recent = (
+                entries.attempted_since(since) if isinstance(entries, JournalEntries) else entries.values()
+            )
+            for entry in recent:
+                i = self.position.get(entry.key)
+                if i is not None:
+                    self._paid[i] = CREDITS_PER_IMAGE * entry.charged_since(since)
+            self._paid_total = sum(self._paid)
+        return self._paid_total
 
     def touch(self, keys: Iterable[str], entries: Mapping[str, JournalEntry]) -> None:
         """Reclassify the specs of ``keys`` (records about them were just folded into ``entries``)."""
@@ -298,6 +313,10 @@ class WindowIndex:
                 continue
             self.touched += 1
             entry = entries.get(key)
+            if self._paid is not None:
+                paid = CREDITS_PER_IMAGE * entry.charged_since(self._since) if entry is not None else 0
+                self._paid_total += paid - self._paid[i]
+                self._paid[i] = paid
             self._remove(i, self._category[i])
             self.committed -= self._charge[i]
             category = self._rules.classify_row(self._valid[i], self._digests[i], entry)
@@ -368,9 +387,9 @@ class WindowIndex:
             and entry.rejected_kind in ("authentication", "insufficient_credits")
         ):
             self.stopping = entry.rejected_kind  # type: ignore[assignment]
-        if entry is not None and entry.task_id:
-            self._task_key[entry.task_id] = self._keys[i]
         if category == IN_FLIGHT:
+            # Only tasks in flight are asked about (a poll's answers): ended ones leave the map.
+            self._task_key[entry.task_id] = self._keys[i]  # type: ignore[union-attr,index]
             self.in_flight[self._keys[i]] = entry.task_id  # type: ignore[union-attr,assignment]
         elif category in self._sets:
             self._sets[category].add(i)
@@ -379,7 +398,9 @@ class WindowIndex:
 
     def _remove(self, i: int, category: Category) -> None:
         if category == IN_FLIGHT:
-            self.in_flight.pop(self._keys[i], None)
+            task_id = self.in_flight.pop(self._keys[i], None)
+            if task_id is not None:
+                self._task_key.pop(task_id, None)
         elif category in self._sets:
             self._sets[category].discard(i)
         else:

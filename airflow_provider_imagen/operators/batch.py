@@ -30,6 +30,7 @@ from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, DEFAULT_SIZE, 
 from airflow_provider_imagen.batch.base import BatchSettings, Finish, RunClock, StopRequestedError
 from airflow_provider_imagen.batch.journal import (
     Journal,
+    JournalEntries,
     JournalEntry,
     resolve_journal_root,
 )
@@ -355,7 +356,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         client: Any,
         entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from airflow_provider_imagen.batch.engine import BatchPass  # pyarrow: not at DAG parse
+        # pyarrow: not at DAG parse
+        from airflow_provider_imagen.batch.engine import BatchPass, entries_for_next_pass
 
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
@@ -374,14 +376,16 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 stop=stop_event(self),
             )
             step = batch.run(outcome, sweep=sweep)
-            # Passes in one process follow each other: the next starts from what this one folded in
-            # instead of reading every segment again (a resume on a worker reads the journal afresh).
-            # After many writes it reads once, which compacts the segments: a long stream on an object
-            # store would otherwise leave thousands for the final read.
-            entries = batch.entries if journal.appended <= journal.compact_over else None
+            # The next pass starts from what this one folded in (a resume on a worker reads afresh).
+            entries = entries_for_next_pass(journal, batch.entries)
             index = batch.index  # used only beside the entries it was built from
             if isinstance(step, Finish):
-                return self._finish(context, specs, journal, step, clock)
+                # What this process folded is the whole journal when no other writer's file is there;
+                # otherwise the end reads it afresh.
+                done = batch.entries
+                current = isinstance(done, JournalEntries) and journal.holds_only(done)
+                del entries, index, batch
+                return self._finish(context, specs, journal, step, clock, done if current else None)
             if self.deferrable and step.linger is None:
                 if clock.resumed_at is not None:  # this process's slot time ends with the deferral
                     clock.held += time.time() - clock.resumed_at
@@ -418,7 +422,13 @@ class ImagenBatchGenerateOperator(BaseOperator):
             sweep = False
 
     def _finish(
-        self, context: Context, specs: Sequence[ImageSpec], journal: Journal, finish: Finish, clock: RunClock
+        self,
+        context: Context,
+        specs: Sequence[ImageSpec],
+        journal: Journal,
+        finish: Finish,
+        clock: RunClock,
+        entries: MutableMapping[str, JournalEntry] | None = None,
     ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.manifest import (
             RunIdentity,
@@ -427,16 +437,21 @@ class ImagenBatchGenerateOperator(BaseOperator):
             write_manifest_stream,
         )
 
-        entries = journal.load()
+        if entries is None:
+            entries = journal.load()
         identity = RunIdentity.from_context(context)
         left_unsent = 0
+        this_try = {"submitted": 0, "reattached": 0, "credits": 0}
+        # One look at each entry, kept by nobody: a run of 10^5 rows never holds them all.
+        look = entries.peek if isinstance(entries, JournalEntries) else entries.get
 
         def rows() -> Iterator[dict[str, Any]]:
             # Streamed: the writer holds one row group of dicts at a time, not the whole run's.
             nonlocal left_unsent
             for spec in specs:
                 status, reason = finish.overrides.get(spec.key, (None, None))
-                entry = entries.get(spec.key)
+                entry = look(spec.key)
+                _count_this_try(this_try, spec, entry, clock.started_at)
                 if (
                     status is None
                     and spec.valid
@@ -457,7 +472,6 @@ class ImagenBatchGenerateOperator(BaseOperator):
         counts = {k: v for k, v in written.counts.items() if v}
         credits = written.credits
         kept_rows = written.counts["total"] - written.written
-        this_try = _this_try(specs, entries, clock.started_at)
         result = {"manifest_uri": uri, "counts": counts, "credits": credits, "this_try": this_try}
         self.log.info(
             "This try: %d request(s) sent, %d re-attached to tasks paid earlier; paid now %d credits ($%.2f)",
@@ -651,21 +665,16 @@ def _process_started(not_before: float) -> float:
         return max(time.time(), not_before)
 
 
-def _this_try(
-    specs: Sequence[ImageSpec], entries: Mapping[str, JournalEntry], since: float
-) -> dict[str, int]:
-    """Count what this try did, apart from what earlier tries paid for (the manifest counts both)."""
-    sent = reattached = paid = 0
-    for spec in specs:
-        entry = entries.get(spec.key)
-        if entry is None or not spec.valid:
-            continue
-        now = entry.charged_since(since)
-        paid += now
-        sent += entry.sent_since(since)
-        if entry.task_id and (entry.submitted_at or 0) < since and entry.matches(spec.digest):
-            reattached += 1
-    return {"submitted": sent, "reattached": reattached, "credits": paid * CREDITS_PER_IMAGE}
+def _count_this_try(
+    counts: dict[str, int], spec: ImageSpec, entry: JournalEntry | None, since: float
+) -> None:
+    """Add what this try did for ``spec`` to ``counts``, apart from what earlier tries paid for."""
+    if entry is None or not spec.valid:
+        return
+    counts["credits"] += entry.charged_since(since) * CREDITS_PER_IMAGE
+    counts["submitted"] += entry.sent_since(since)
+    if entry.task_id and (entry.submitted_at or 0) < since and entry.matches(spec.digest):
+        counts["reattached"] += 1
 
 
 def api_answer(entries: Mapping[str, Any], error: type[Exception]) -> str:
