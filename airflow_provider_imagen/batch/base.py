@@ -17,9 +17,10 @@ from airflow_provider_imagen.polling import PollSchedule
 #: account whose limit is lower hears a few hundred 429s at most before the window finds it.
 START_WINDOW: Final = 100
 #: What a 429 leaves of the window. Halving (TCP's choice) left 8 batches on one capped account using
-#: ~70 % of its capacity: a batch only refills a place after a poll has seen its task end, so the
-#: account is never quite as full as the windows. Giving back a fifth keeps it ~90 % full.
-DECREASE: Final = 0.8
+#: 69 % of its capacity, a fifth off 79 %, a tenth off 82 % (with 1–6 % of submits answered 429): a
+#: batch refills a place only once a poll has seen its task end, so the account is never quite as
+#: full as the windows, and a deep cut empties it further.
+DECREASE: Final = 0.9
 
 StopReason = Literal["deadline", "insufficient_credits", "authentication", "unreachable"]
 #: Why a try sends no more: its deadline passed, the API refused the account or the key (every other
@@ -128,18 +129,9 @@ class RunClock:
         here = now - self.resumed_at if self.resumed_at is not None else 0.0
         return (self.held + here) / max(now - self.started_at, 1e-6)
 
-    def current_window(self, ceiling: int, *, now: float | None = None, in_flight: int = 0) -> int:
-        """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``.
-
-        Given ``now`` and the tasks ``in_flight``, a window shrunk less than a ``Retry-After`` ago holds
-        at what is in flight: the account was full a moment ago, and a submit before the API's period
-        is over would most likely hear 429 again. With nothing in flight it does not hold (the pass then
-        waits the period out itself, see :class:`~airflow_provider_imagen.batch.engine.BatchPass`).
-        """
-        window = min(self.window or START_WINDOW, ceiling)
-        if now is not None and in_flight and self.calm_until is not None and now < self.calm_until:
-            return min(window, in_flight)
-        return window
+    def current_window(self, ceiling: int) -> int:
+        """Return how many tasks may be in flight now, ``ceiling`` being ``max_in_flight``."""
+        return min(self.window or START_WINDOW, ceiling)
 
     def adapt_window(
         self,
@@ -163,10 +155,13 @@ class RunClock:
           one: by one right after a 429, where the account was full, then by 2, 4, … for as long as
           the account takes everything, so places another batch left (it finished, or gave way) are
           taken in a few renders, not one place per render;
-        - multiplicative decrease: a 429 shrinks it by a fifth (:data:`DECREASE`), at most once per
+        - multiplicative decrease: a 429 shrinks it by a tenth (:data:`DECREASE`), at most once per
           ``Retry-After``: every 429 of one burst (several batches asking at once) is one signal, not
-          one decrease each. A 429 heard with nothing of the batch in flight only says "wait": the
-          account is full of other work, and shrinking a window that holds nothing would not lighten it.
+          one decrease each. Nor does it stay above what the batch has in flight: the account is full
+          at that, so a window far above it (a batch starting, or one that just lost places to others)
+          would only hear more 429s. A 429 heard with nothing of the batch in flight only says "wait":
+          the account is full of other work, and shrinking a window that holds nothing would not
+          lighten it.
 
         Several batches on one account then converge on its capacity instead of each storming it.
 
@@ -181,7 +176,7 @@ class RunClock:
         window = self.current_window(ceiling)
         if retry_after is not None:
             if in_flight and (self.calm_until is None or now >= self.calm_until):
-                self.window = self.threshold = max(1, int(window * DECREASE))
+                self.window = self.threshold = max(1, min(int(window * DECREASE), in_flight))
                 self.credit = 0
                 self.calm_until = now + retry_after
         elif accepted and held_back and window < ceiling:

@@ -267,8 +267,7 @@ class BatchPass:
     @property
     def window(self) -> int:
         """Return how many tasks may be in flight now (see :meth:`RunClock.current_window`)."""
-        ceiling = self.settings.max_in_flight
-        return self.clock.current_window(ceiling, now=self.now(), in_flight=len(self.index.in_flight))
+        return self.clock.current_window(self.settings.max_in_flight)
 
     @property
     def streams(self) -> bool:

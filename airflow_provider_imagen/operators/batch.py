@@ -93,7 +93,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
         free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most. The window starts at 100 (or this,
         if lower), doubles per round of submits the API accepts until its first 429, then shrinks by a
-        fifth on a 429 and grows back per window's worth of accepted submits: batches sharing an
+        tenth on a 429 and grows back per window's worth of accepted submits: batches sharing an
         account find its capacity.
     :param refill_fraction: when a wait with rows still to send is deferred, come back to refill once
         this share of the window has ended (and the deferral has lasted ``min_deferral``).
@@ -123,7 +123,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param journal_path: where the exactly-once journal lives (default: beside the output). Templated.
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
-    :param adaptive_window: shrink the window by a fifth when the API answers a submit 429 (an
+    :param adaptive_window: shrink the window by a tenth when the API answers a submit 429 (an
         account-wide limit shared with other batches; once per ``Retry-After``) and grow it back per
         window's worth of accepted submits; ``False`` keeps ``max_in_flight`` and only waits out each 429.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default

@@ -173,7 +173,9 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
         journal = Journal(str(tmp_path / f"j{n}"), dag_id="d", task_id="t", run_id=f"r{n}")
         now = time.time()
         clock = RunClock(started_at=now, deadline=now + 600)  # a deadline no loaded machine reaches
-        knobs = BatchSettings(max_in_flight=ceiling, expected_render=0.3, poll_interval=0.1, linger=0)
+        knobs = BatchSettings(
+            max_in_flight=ceiling, expected_render=0.3, poll_interval=0.1, linger=5.0, refill_on_worker=True
+        )
         smallest[n] = ceiling
         try:
             with ImagenClient(settings) as client:
@@ -219,9 +221,10 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
     assert all(smallest[n] < ceiling for n in range(3))  # …and every batch's window gave way to it
 
 
-def test_the_window_starts_low_doubles_until_a_429_then_halves_and_creeps() -> None:
+def test_the_window_starts_low_doubles_until_a_429_then_shrinks_and_creeps() -> None:
     """Slow start until the first 429; then growth per window's worth of accepted submits, by one at
-    first and doubling while the account takes everything; a halving per 429; never above the ceiling."""
+    first and doubling while the account takes everything; a tenth off per 429; never above the
+    ceiling."""
     from airflow_provider_imagen.batch.base import START_WINDOW
 
     clock = RunClock(started_at=0.0, deadline=1.0)
@@ -233,19 +236,19 @@ def test_the_window_starts_low_doubles_until_a_429_then_halves_and_creeps() -> N
     assert [grow(100) for _ in range(3)] == [200, 400, 800]
     assert grow(100, held_back=False) == 800  # nothing held back
     assert grow(0) == 800  # nothing accepted
-    assert clock.adapt_window(1000, now=2.0, in_flight=500, retry_after=1.0) == 400  # the account's limit
-    assert clock.adapt_window(1000, now=3.0, in_flight=300, retry_after=1.0) == 200
-    # Growth counts accepted submits, not rounds: 199 rounds of one (199 ends refilled) grow nothing yet.
-    assert {grow(1) for _ in range(199)} == {200}
-    assert grow(1) == 201
-    assert [grow(201), grow(202), grow(204)] == [202, 204, 208]  # by one, then 2, 4, …
-    assert grow(100) == 208 and clock.credit == 100
+    assert clock.adapt_window(1000, now=2.0, in_flight=800, retry_after=1.0) == 720  # the account's limit
+    assert clock.adapt_window(1000, now=3.0, in_flight=720, retry_after=1.0) == 648
+    # Growth counts accepted submits, not rounds: 647 rounds of one (647 ends refilled) grow nothing yet.
+    assert {grow(1) for _ in range(647)} == {648}
+    assert grow(1) == 649
+    assert [grow(649), grow(650), grow(652)] == [650, 652, 656]  # by one, then 2, 4, …
+    assert grow(100) == 656 and clock.credit == 100
     # The state rides the deferral: a resumed try goes on from it.
     kwargs = clock.to_kwargs()
     resumed = RunClock(
         started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "credit")}
     )
-    assert resumed.adapt_window(1000, now=5.0, in_flight=10, accepted=108, held_back=True) == 216
+    assert resumed.adapt_window(1000, now=5.0, in_flight=10, accepted=556, held_back=True) == 664
     capped = RunClock(started_at=0.0, deadline=1.0, window=900)
     assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=900, held_back=True) == 1000
     capped.threshold = 500
@@ -254,36 +257,26 @@ def test_the_window_starts_low_doubles_until_a_429_then_halves_and_creeps() -> N
     assert one.adapt_window(10, now=1.0, in_flight=1, retry_after=1.0) == 1
 
 
-def test_the_429s_of_one_period_halve_the_window_once() -> None:
+def test_the_429s_of_one_period_shrink_the_window_once() -> None:
     """Several batches that storm an account at once hear a burst of 429s over a few rounds: one
-    congestion signal per ``Retry-After``, so one halving, however many rounds heard it. A 429 heard
+    congestion signal per ``Retry-After``, so one decrease, however many rounds heard it. A 429 heard
     with nothing in flight only says wait: the window holds nothing that would lighten the account."""
     clock = RunClock(started_at=0.0, deadline=1.0, window=80, threshold=80)
-    assert clock.adapt_window(100, now=10.0, in_flight=60, retry_after=2.0) == 40
-    assert clock.adapt_window(100, now=10.5, in_flight=60, retry_after=2.0) == 40  # the same burst
-    assert clock.adapt_window(100, now=11.9, in_flight=50, retry_after=1.0) == 40  # not a new period yet
+    assert clock.adapt_window(100, now=10.0, in_flight=80, retry_after=2.0) == 72
+    assert clock.adapt_window(100, now=10.5, in_flight=60, retry_after=2.0) == 72  # the same burst
+    assert clock.adapt_window(100, now=11.9, in_flight=50, retry_after=1.0) == 72  # not a new period yet
     assert clock.calm_until == 12.0
-    assert clock.adapt_window(100, now=12.0, in_flight=40, retry_after=2.0) == 20  # still full
+    assert clock.adapt_window(100, now=12.0, in_flight=72, retry_after=2.0) == 64  # still full
+    # Never above what the account just showed it holds: a window far above it comes down to it.
+    assert clock.adapt_window(100, now=14.0, in_flight=20, retry_after=2.0) == 20
     # A resumed try knows the period: a 429 just after the deferral is part of it.
     kwargs = clock.to_kwargs()
     resumed = RunClock(
         started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "calm_until")}
     )
-    assert resumed.adapt_window(100, now=13.0, in_flight=20, retry_after=2.0) == 20
+    assert resumed.adapt_window(100, now=15.0, in_flight=20, retry_after=2.0) == 20
     assert resumed.adapt_window(100, now=20.0, in_flight=0, retry_after=2.0) == 20
-    assert resumed.calm_until == 14.0
-
-
-def test_a_halved_window_holds_at_what_is_in_flight_until_the_period_ends() -> None:
-    """Right after a 429 the account is full: places that free within the API's ``Retry-After`` are not
-    refilled (they would hear 429 again), unless nothing of the batch is in flight at all."""
-    clock = RunClock(started_at=0.0, deadline=1.0, window=80, threshold=80)
-    clock.adapt_window(100, now=10.0, in_flight=60, retry_after=2.0)
-    assert clock.current_window(100) == 40
-    assert clock.current_window(100, now=11.0, in_flight=30) == 30  # held
-    assert clock.current_window(100, now=11.0, in_flight=50) == 40  # never above the window
-    assert clock.current_window(100, now=11.0, in_flight=0) == 40  # the pass waits the period out itself
-    assert clock.current_window(100, now=12.0, in_flight=30) == 40  # the period is over
+    assert resumed.calm_until == 16.0
 
 
 def test_a_first_pass_fills_a_grown_window_without_waiting_for_an_end(
@@ -309,9 +302,9 @@ def test_a_first_pass_fills_a_grown_window_without_waiting_for_an_end(
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: bool) -> None:
-    """``adaptive_window`` (default on) halves the window on a 429 and grows it by one per window's
-    worth of accepted submits; switched off, the window stays at ``max_in_flight`` and a 429 only sets
-    the wait."""
+    """``adaptive_window`` (default on) shrinks the window by a tenth on a 429 and grows it by one per
+    window's worth of accepted submits; switched off, the window stays at ``max_in_flight`` and a 429
+    only sets the wait."""
     from airflow_provider_imagen.api.errors import RateLimitedError
     from airflow_provider_imagen.batch.submit import SubmitReport
 
@@ -320,25 +313,27 @@ def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: boo
     step = BatchPass(
         client=None,  # type: ignore[arg-type]  # _adapt sends nothing
         journal=Journal(str(tmp_path / "j"), dag_id="d", task_id="t", run_id="r"),
-        specs=expand_specs([{"prompt_id": "p0", "prompt": "a lamp"}]),
+        specs=expand_specs([{"prompt_id": f"p{n}", "prompt": f"a lamp {n}"} for n in range(40)]),
         images_root=str(tmp_path / "images"),
         settings=BatchSettings(max_in_flight=40, adaptive_window=adaptive),
         clock=clock,
     )
-    spec = step.specs[0]
+    # A full window: 40 tasks in flight when the 429 comes.
     step._fold(
         [
-            new_record("intent", spec.key, a="a1", d=spec.digest),
-            new_record("submitted", spec.key, a="a1", task_id="t1"),
+            record
+            for n, spec in enumerate(step.specs)
+            for record in (
+                new_record("intent", spec.key, a=f"a{n}", d=spec.digest),
+                new_record("submitted", spec.key, a=f"a{n}", task_id=f"t{n}"),
+            )
         ]
     )
     limited = SubmitReport(rejected={"k": RateLimitedError("429", status_code=429, retry_after=3.0)})
     assert step._adapt([limited], more_waiting=True) == 3.0
-    assert clock.current_window(40) == (20 if adaptive else 40)
-    # Within the API's period the window holds at what is in flight (one task here).
-    assert step.window == (1 if adaptive else 40)
+    assert clock.current_window(40) == (36 if adaptive else 40)
     assert step._adapt([SubmitReport(submitted={"k2": "t2"})], more_waiting=True) == 0.0
-    assert clock.current_window(40) == (20 if adaptive else 40)  # one accepted submit is not a window's worth
-    accepted = SubmitReport(submitted={f"k{i}": f"t{i}" for i in range(3, 22)})
+    assert clock.current_window(40) == (36 if adaptive else 40)  # one accepted submit is not a window's worth
+    accepted = SubmitReport(submitted={f"k{i}": f"t{i}" for i in range(3, 38)})
     assert step._adapt([accepted], more_waiting=True) == 0.0
-    assert clock.current_window(40) == (21 if adaptive else 40)
+    assert clock.current_window(40) == (37 if adaptive else 40)
