@@ -426,7 +426,7 @@ def test_reruns_into_one_output_path_never_overwrite_a_paid_image(stack: Stack, 
 
 
 def test_a_trigger_that_fires_at_once_does_not_cost_the_try(stack: Stack, workdir: Path) -> None:
-    """A batch defers with every render already ended, its deferring process slow to exit (3 s), its
+    """A batch defers with every render already ended, its deferring process slow to exit (7 s), its
     resumed pass long (12 s), and no retry.
 
     Without the hold (``min_deferral=0``) the trigger fires at once and the resumed try is running when
