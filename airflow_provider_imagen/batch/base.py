@@ -71,9 +71,9 @@ class BatchSettings:
     poll_interval: float = 2.0
     #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
     check_pixel_size: bool = True
-    #: Halve the window on a submit answered 429 and grow it back by one per window's worth of accepted
-    #: submits (AIMD; see :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the
-    #: client waits out each 429 and sends again.
+    #: Shrink the window on a submit answered 429 and grow it back per window's worth of accepted
+    #: submits (see :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the client
+    #: waits out each 429 and sends again.
     adaptive_window: bool = True
 
     @property
@@ -112,12 +112,13 @@ class RunClock:
     #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`); never above
     #: ``max_in_flight``. See :meth:`adapt_window`.
     window: int | None = None
-    #: The window at the last 429: below it the window doubles, above it grows by one (``None``: no 429).
+    #: The window at the last 429: below it the window doubles, above it grows per window's worth of
+    #: accepted submits (``None``: no 429 yet).
     threshold: int | None = None
-    #: Submits the API accepted since the window last grew by one (above ``threshold``).
+    #: Submits the API accepted since the window last grew (above ``threshold``).
     credit: int = 0
-    #: Until when (epoch seconds) a 429 is part of the congestion that last halved the window: the
-    #: API's ``Retry-After`` from that 429. Until then the window also holds at what is in flight.
+    #: Until when (epoch seconds) a 429 is part of the congestion that last shrank the window: the
+    #: API's ``Retry-After`` from that 429.
     calm_until: float | None = None
     #: Seconds of worker slot this try's earlier processes held (each from its start to its deferral).
     held: float = 0.0

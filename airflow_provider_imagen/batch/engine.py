@@ -289,7 +289,7 @@ class BatchPass:
         wait = max((e.retry_after or 1.0) for e in limited) if limited else 0.0
         if not self.settings.adaptive_window:
             return wait
-        before = self.clock.current_window(self.settings.max_in_flight)
+        before = self.window
         after = self.clock.adapt_window(
             self.settings.max_in_flight,
             now=self.now(),

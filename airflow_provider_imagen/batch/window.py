@@ -457,10 +457,10 @@ def linger_for(
     worker slot. While rows wait for room (``refillable``), a streaming batch (``stream``) waits on the
     worker for every end and refills its place at once, unless the next poll that can find an end is
     more than a render away (an API far slower than expected); otherwise it defers and comes back for a
-    share of the window, except that it waits for an end about to be seen (within one poll interval)
-    while its slot time stays under :data:`SLOT_SHARE` of the try. With nothing left to send, it waits
-    on the worker only when that poll is due within ``linger`` seconds, or before a deferral could end
-    anyway (``min_deferral``).
+    share of the window, except that it waits for an end about to be seen (within a poll interval and
+    a quarter) while its slot time stays under :data:`SLOT_SHARE` of the try. With nothing left to
+    send, it waits on the worker only when that poll is due within ``linger`` seconds, or before a
+    deferral could end anyway (``min_deferral``).
 
     :param submitted_at: task id → submit time (epoch seconds) of the tasks in flight.
     :param linger: the operator's ``linger``; ``0`` always defers.

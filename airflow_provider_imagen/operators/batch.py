@@ -260,7 +260,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
             started_at=now,
             deadline=now + self.timeout,
             budget=self.settings.max_credits,
-            resumed_at=_process_started(now),
+            resumed_at=now,  # the try starts here: its slot time counts from now
         )
         client = self._client()
         balance = self._preflight(context, specs, clock, client)
@@ -654,7 +654,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
 
 
 def _process_started(not_before: float) -> float:
-    """Return when this task process started (its slot time counts from there), not before ``not_before``.
+    """Return when this resumed process started (its slot time counts from there), not before ``not_before``.
 
     A resume's process starts some way before ``execute_complete``: the DAG file is parsed first.
     """

@@ -199,12 +199,17 @@ class PollTracker:
         # trigger watching thousands of ids must not scan them all (measured: 3 CPU-s for 2,000 ids).
         self._queue = [(track.due, tid) for tid, track in self._tracks.items()]
         heapq.heapify(self._queue)
-        #: (first poll, id) of the ids no poller has polled yet, for the fire-ahead count (sorted).
-        self._firsts = sorted(
-            (track.grid, tid)
-            for tid, track in self._tracks.items()
-            if track.grid == track.submitted_at + schedule.expected_render
-            and (polled_until is None or track.grid > polled_until)
+        #: (first poll, id) of the ids no poller has polled yet, for the fire-ahead count (sorted); only
+        #: a tracker with a ``lead`` counts them.
+        self._firsts = (
+            []
+            if lead is None
+            else sorted(
+                (track.grid, tid)
+                for tid, track in self._tracks.items()
+                if track.grid == track.submitted_at + schedule.expected_render
+                and (polled_until is None or track.grid > polled_until)
+            )
         )
         self._ended = 0
         #: No poll at all before this instant (Retry-After or error backoff).
