@@ -27,6 +27,7 @@ does not send it again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -64,10 +65,14 @@ class Lease:
     #: Who claimed it: the Airflow task instance try's id, or a label for code outside Airflow.
     owner: str
 
+    @functools.cached_property
+    def _newer(self) -> ObjectStoragePath:
+        """The lease a newer try would write (built once: :meth:`check` runs before every POST)."""
+        return self.folder / _name(self.epoch + 1)
+
     def check(self) -> None:
         """Raise :class:`FencedError` when a newer try has claimed the journal."""
-        newer = self.folder / _name(self.epoch + 1)
-        if _exists(newer):
+        if _exists(self._newer):
             raise FencedError(
                 f"another try of this task instance claimed the journal at {self.folder} (lease "
                 f"{self.epoch + 1}, after this try's lease {self.epoch}); this try stops here and sends "

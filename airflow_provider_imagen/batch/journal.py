@@ -856,9 +856,10 @@ class Journal:
         with self._lock:
             name = f"{self._next_seq:020d}-{_WRITER}-{uuid.uuid4().hex[:8]}{_SEGMENT_SUFFIX}"
             self._next_seq += 1
-        write_whole(self.path / name, ("\n".join(lines) + "\n").encode("utf-8"))
+        path = self.path / name
+        write_whole(path, ("\n".join(lines) + "\n").encode("utf-8"))
         with self._lock:
-            self._mine.append((self.path / name, keys))
+            self._mine.append((path, keys))
             self.appended += 1
 
 

@@ -4,7 +4,8 @@ Why a module of its own: the single-image operator and the batch window must fol
 steps, and this is the one place that spends money. Invariants:
 - the intents of a chunk are durable before its first POST;
 - whatever happens (an exception, a stop on 402, an interrupt from Airflow: ``execution_timeout``'s
-  timeout, SIGTERM from a clear, KeyboardInterrupt), every key of the chunk leaves with a record:
+  timeout, SIGTERM from a clear, KeyboardInterrupt), every key of the chunk leaves with a record
+  (written, or handed to the caller's outbox, which writes it before its next POST or when it stops):
   ``submitted`` (with its id), ``rejected`` (provably nothing created: never sent), or ``ambiguous``
   (the POST may have been paid for). The key whose POST was on the wire when an interrupt came is
   ambiguous, never "not sent";
@@ -99,6 +100,7 @@ def submit_chunk(
     pace: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     retry_rate_limited: bool = True,
+    outbox: list[dict[str, Any]] | None = None,
 ) -> SubmitReport:
     """Journal the intents, POST each request once, journal what came back.
 
@@ -112,6 +114,12 @@ def submit_chunk(
         stopped before its first intent journals nothing: its keys stay as they were.
     :param retry_rate_limited: let the client wait out a 429 and send again; ``False`` hands each 429
         back in :attr:`SubmitReport.rejected` (nothing was created) and sends no more of the chunk.
+    :param outbox: outcome records of the caller's previous chunk, not yet written. They are written
+        with this chunk's intents, in the one durable write that precedes its first POST, and the list
+        is emptied; this chunk's outcomes are then left in it instead of written, unless the chunk ends
+        by an exception (then they are written at once). One write per chunk instead of two, and an
+        answer is still durable before its thread sends anything more; the caller writes what is left
+        in the outbox when it stops sending (see ``BatchPass._submit``).
     :raises FencedError: a newer try owns the journal; nothing more was sent (the outcomes are written).
     """
     report = SubmitReport()
@@ -122,7 +130,9 @@ def submit_chunk(
         new_record("intent", key, a=ids[key], d=(digests or {}).get(key) or request.digest())
         for key, request in requests.items()
     ]
-    journal.append(intents)
+    journal.append([*(outbox or ()), *intents])
+    if outbox:
+        outbox.clear()
     report.records += intents
     on_the_wire: str | None = None
     interrupted: BaseException | None = None
@@ -184,7 +194,10 @@ def submit_chunk(
                 for key, error in report.rejected.items()
             ]
         )
-        journal.append(outcomes)
+        if outbox is not None and interrupted is None and report.fenced is None:
+            outbox.extend(outcomes)
+        else:
+            journal.append(outcomes)
         report.records += outcomes
     if report.fenced is not None:
         raise report.fenced

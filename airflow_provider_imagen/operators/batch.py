@@ -58,6 +58,7 @@ from airflow_provider_imagen.ui.links import ImagenGalleryLink
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_imagen.batch.engine import PassThreads
     from airflow_provider_imagen.batch.specs import ImageSpec
     from airflow_provider_imagen.batch.table import Table
 
@@ -358,6 +359,22 @@ class ImagenBatchGenerateOperator(BaseOperator):
         entries: MutableMapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         # pyarrow: not at DAG parse
+        from airflow_provider_imagen.batch.engine import PassThreads
+
+        with PassThreads(self.settings) as threads:  # kept across this process's passes
+            return self._loop(context, journal, specs, clock, outcome, client, entries, threads)
+
+    def _loop(
+        self,
+        context: Context,
+        journal: Journal,
+        specs: Sequence[ImageSpec],
+        clock: RunClock,
+        outcome: PollOutcome | None,
+        client: Any,
+        entries: MutableMapping[str, Any] | None,
+        threads: PassThreads,
+    ) -> dict[str, Any]:
         from airflow_provider_imagen.batch.engine import BatchPass, entries_for_next_pass
 
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
@@ -375,6 +392,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 entries=entries,
                 index=index,
                 stop=stop_event(self),
+                threads=threads,
             )
             step = batch.run(outcome, sweep=sweep)
             # The next pass starts from what this one folded in (a resume on a worker reads afresh).
@@ -417,6 +435,7 @@ class ImagenBatchGenerateOperator(BaseOperator):
                 fire_when_done=step.fire_when_done,
                 polled_until=step.polled_until,
                 answers=answers,
+                executor=threads.poll,
             )
             if stop_event(self).is_set():
                 raise StopRequestedError("the task was asked to stop while it waited on the worker")

@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
 from airflow_provider_imagen.api.errors import (
@@ -131,6 +131,7 @@ def poll_tasks(
     answers: dict[str, Task] | None = None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Any] = time.sleep,
+    executor: Executor | None = None,
 ) -> PollOutcome:
     """Poll like :func:`apoll_tasks`, blocking, on the worker (non-deferrable tasks, a lingering batch).
 
@@ -144,6 +145,8 @@ def poll_tasks(
     :param polled_until: skip grid instants up to this time (see :class:`PollTracker`).
     :param answers: filled with the last answer of every id that ended. On a worker the answer may stay in
         memory, image URL and all, so the download needs no second GET; it never goes to an event.
+    :param executor: the threads to poll from, kept by a caller that polls round after round
+        (default: a pool of ``schedule.max_concurrent_polls`` threads for this call).
     """
     tracker = _tracker(task_ids, deadline, schedule, submitted_at, fire_when_done, clock(), polled_until)
     lock = threading.Lock()
@@ -160,15 +163,29 @@ def poll_tasks(
             if answers is not None and isinstance(answer, Task) and answer.is_terminal:
                 answers[task_id] = answer
 
-    with ThreadPoolExecutor(max_workers=tracker.schedule.max_concurrent_polls) as pool:
-        while True:
-            now = clock()
-            outcome = tracker.result(now, deadline, fire_when_done)
-            if outcome is not None:
-                return outcome
-            due = tracker.due(now, deadline)
-            if due:
-                list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
-                tracker.round_done(now)
-                continue
-            sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
+    if executor is None:
+        with ThreadPoolExecutor(max_workers=tracker.schedule.max_concurrent_polls) as pool:
+            return _poll_rounds(tracker, poll_one, pool, deadline, fire_when_done, clock, sleep)
+    return _poll_rounds(tracker, poll_one, executor, deadline, fire_when_done, clock, sleep)
+
+
+def _poll_rounds(
+    tracker: PollTracker,
+    poll_one: Callable[[str], None],
+    pool: Executor,
+    deadline: float,
+    fire_when_done: int | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Any],
+) -> PollOutcome:
+    while True:
+        now = clock()
+        outcome = tracker.result(now, deadline, fire_when_done)
+        if outcome is not None:
+            return outcome
+        due = tracker.due(now, deadline)
+        if due:
+            list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
+            tracker.round_done(now)
+            continue
+        sleep(max(tracker.next_wake(now, deadline) - now, 0.0))

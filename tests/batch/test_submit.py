@@ -161,3 +161,46 @@ def test_a_chunk_whose_turn_comes_after_a_stop_journals_nothing(
     j = journal(tmp_path)
     report = submit_chunk(client, j, requests(3), should_stop=lambda: True)
     assert not report.records and emulator.ledger()["posts"] == 0 and not j.load()
+
+
+def test_an_outbox_writes_each_chunks_answers_with_the_next_intents(
+    emulator: Any, client: ImagenClient, tmp_path: Path
+) -> None:
+    """Three chunks of one through one outbox: three segments (each chunk's intent, the answers before
+    it), not six; the last answers stay in the outbox until the caller writes them, and then every key
+    has its task id."""
+    j = journal(tmp_path)
+    outbox: list[dict[str, Any]] = []
+    chunks = [dict([item]) for item in requests(3).items()]
+    for chunk in chunks:
+        submit_chunk(client, j, chunk, outbox=outbox)
+        assert [r["e"] for r in outbox] == ["submitted"] and outbox[0]["k"] in chunk
+    assert j.appended == 3
+    j.append(outbox)
+    entries = j.load()
+    created = {t["id"] for t in emulator.tasks()}
+    assert sorted(entries) == sorted(k for c in chunks for k in c)
+    for entry in entries.values():
+        assert entry.task_id in created and not entry.unknown_submit and entry.charged_submits == 1
+    assert emulator.ledger()["posts"] == 3
+
+
+def test_an_interrupt_in_the_next_chunk_still_journals_the_answers_in_the_outbox(
+    emulator: Any, client: ImagenClient, tmp_path: Path, alarm: None
+) -> None:
+    """The answers of a chunk ride with the next chunk's intents; an interrupt while that chunk's POST
+    awaits its answer must leave the earlier key submitted (with its id), the interrupted one unknown."""
+    j = journal(tmp_path)
+    outbox: list[dict[str, Any]] = []
+    first, second = (dict([item]) for item in requests(2).items())
+    submit_chunk(client, j, first, outbox=outbox)
+    emulator.configure(response_delay=1.5)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    with pytest.raises(Interrupt):
+        submit_chunk(client, j, second, outbox=outbox)
+    assert outbox == []  # written with the second intent, never twice
+    entries = j.load()
+    (k1,), (k2,) = first, second
+    assert entries[k1].task_id and not entries[k1].unknown_submit
+    assert entries[k2].unknown_submit and entries[k2].charged_submits == 1
+    assert emulator.ledger()["posts"] == 2
