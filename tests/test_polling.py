@@ -299,7 +299,7 @@ class TestStopping:
         tracker = PollTracker(submitted, PollSchedule(), start=0.0, submitted_at=submitted, lead=1.5)
         # First polls at 10, 11, 12 and 60: two of them are within 1.5 s at 9.5, three at 10.5.
         assert tracker.result(9.0, FAR, fire_when_done=3) is None
-        assert tracker.next_wake(9.0) == 9.5  # when the second comes within the lead: no poll needed
+        assert tracker.next_wake(9.0, FAR, 3) == 9.5  # when the second comes within the lead: no poll needed
         assert tracker.result(9.5, FAR, fire_when_done=3) is None
         outcome = tracker.result(10.5, FAR, fire_when_done=3)
         assert outcome is not None and outcome.status == "success" and outcome.polls == 0
@@ -317,9 +317,33 @@ class TestStopping:
             submitted, PollSchedule(), start=15.0, submitted_at=submitted, polled_until=14.0, lead=1.0
         )
         assert tracker.result(15.0, FAR, fire_when_done=1) is None  # a's first poll (10) was made
-        assert tracker.next_wake(15.0) == pytest.approx(15.0)  # a's next grid poll comes before b's lead
+        assert tracker.next_wake(15.0, FAR, 1) == pytest.approx(
+            15.0
+        )  # a's next grid poll comes before b's lead
         assert tracker.result(28.5, FAR, fire_when_done=1) is None
         assert tracker.result(29.0, FAR, fire_when_done=1) is not None
+
+    def test_a_wait_for_every_id_fires_ahead_of_the_last_next_poll_while_all_are_on_time(self) -> None:
+        """With nothing left to send, the trigger fires ``lead`` before the last unfinished id's next poll
+        (first or second), so the worker makes those polls on arrival; once an id is past its second
+        poll (a slow render), it fires only when every id has ended."""
+        submitted = {"a": 0.0, "b": 1.0}
+        tracker = PollTracker(submitted, PollSchedule(), start=0.0, submitted_at=submitted, lead=1.5)
+        # First polls at 10 and 11: the last is within 1.5 s at 9.5.
+        assert tracker.result(9.0, FAR) is None
+        assert tracker.next_wake(9.0, FAR) == pytest.approx(9.5)  # no poll due before: wake for the lead
+        outcome = tracker.result(9.5, FAR)
+        assert outcome is not None and outcome.status == "success" and outcome.polls == 0
+        # a was polled at 10, still rendering: its second poll (12) is the last; fire at 10.5.
+        tracker.record_status("a", "processing", None, 10.0)
+        assert tracker.result(10.4, FAR) is None and tracker.result(10.5, FAR) is not None
+        # Past its second poll (12), a is late: only ends count, and the wake is the next poll.
+        tracker.record_status("a", "processing", None, 12.0)
+        tracker.record_status("b", "completed", None, 12.0)
+        assert tracker.result(14.9, FAR) is None
+        assert tracker.next_wake(12.0, FAR) == pytest.approx(15.0)
+        tracker.record_status("a", "completed", None, 15.0)
+        assert tracker.result(15.0, FAR) is not None
 
     def test_nothing_to_watch_is_done(self) -> None:
         outcome = PollTracker([], PollSchedule(), start=0.0).result(0.0, FAR)

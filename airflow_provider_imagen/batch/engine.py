@@ -281,8 +281,9 @@ class BatchPass:
                 fire_when_done=need,
                 polled_until=self._polled_until(outcome, started),
                 linger=linger,
-                # Refills come back as the next tasks fall due, not a resume after they were seen.
-                fire_ahead=FIRE_AHEAD if refillable and linger is None else None,
+                # Come back as the next tasks fall due, not a resume after they were seen: a refill
+                # as the next first polls come, the last wait as the last polls do.
+                fire_ahead=FIRE_AHEAD if linger is None else None,
             )
         return self._finish(plan, stop)
 

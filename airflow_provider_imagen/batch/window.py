@@ -418,8 +418,9 @@ def _mirror_again(entry: JournalEntry, retry_after: float | None) -> bool:
 #: Seconds from a trigger's event to the resumed pass on a worker (triggerer, scheduler, task start),
 #: as measured on a LocalExecutor with SQLite (0.5–1.6 s) and Celery with PostgreSQL (0.6–1.2 s), rounded up.
 RESUME_LATENCY: Final = 1.5
-#: How far ahead of the tasks' first polls a refilling batch's trigger fires: a little under the usual
-#: resume, so the worker arrives as they fall due rather than before (an early arrival finds nothing).
+#: How far ahead of the tasks' next polls a batch's trigger fires (its first polls for a refill, the
+#: last polls for its last wait): a little under the usual resume, so the worker arrives as they fall
+#: due rather than before (an early arrival finds nothing).
 FIRE_AHEAD: Final = 1.0
 #: The share of a try's wall time a slot-free batch may spend on the worker waiting for ends that are
 #: about to be seen (each such wait refills places at once instead of after a round trip).

@@ -116,7 +116,7 @@ async def apoll_tasks(
                     raise answer
             tracker.round_done(now)
             continue
-        await sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
+        await sleep(max(tracker.next_wake(now, deadline, fire_when_done) - now, 0.0))
 
 
 def poll_tasks(
@@ -188,4 +188,4 @@ def _poll_rounds(
             list(pool.map(poll_one, due))  # re-raises what POLL_ERRORS does not cover
             tracker.round_done(now)
             continue
-        sleep(max(tracker.next_wake(now, deadline) - now, 0.0))
+        sleep(max(tracker.next_wake(now, deadline, fire_when_done) - now, 0.0))

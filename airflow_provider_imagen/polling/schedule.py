@@ -161,6 +161,11 @@ class PollTracker:
         every overdue id once right away.
     :param lead: count, toward the fire condition, ids whose first poll falls due within this many
         seconds and that no poller has polled yet (see :meth:`result`). ``None``: only ended ids count.
+        A caller waiting for every id (nothing left to send) fires once every unfinished id's next
+        poll is within the lead, while each is still at its first or second poll: it comes back to
+        make those polls itself, instead of a resume after the last of them. An id later than that (a
+        slow render) turns this off: the caller comes back when everything has ended, not once per
+        backoff step.
     """
 
     def __init__(
@@ -268,21 +273,46 @@ class PollTracker:
             self.polled_until = now
         self._next_round = now + self.schedule.round_gap
 
-    def next_wake(self, now: float, deadline: float | None = None) -> float:
+    def next_wake(
+        self, now: float, deadline: float | None = None, fire_when_done: int | None = None
+    ) -> float:
         """Return when something can next happen: a poll falls due, a pause ends, or the deadline.
 
-        With a ``lead``, also when one more id comes within it of its first poll (see :meth:`_coming`).
+        With a ``lead``, also when one more id comes within it of its first poll (see :meth:`_coming`),
+        or, waiting for every id (``fire_when_done`` ``None`` or all of them), when the last next poll
+        comes within it.
         """
         while self._queue and not self._current(self._queue[0]):
             heapq.heappop(self._queue)
         if not self._queue:
             return max(now, self._next_round)
         wake = max(self._queue[0][0], self.paused_until, self._next_round)
-        if self.lead is not None:
+        if self.lead is not None and self._waits_for_all(fire_when_done):
+            wake = min(wake, max(self._final_fire_at(), now))
+        elif self.lead is not None:
             upcoming = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
             if upcoming < len(self._firsts):
                 wake = min(wake, max(self._firsts[upcoming][0] - self.lead, now))
         return wake if deadline is None else max(min(wake, deadline), self._next_round)
+
+    def _waits_for_all(self, fire_when_done: int | None) -> bool:
+        return fire_when_done is None or fire_when_done >= len(self._tracks)
+
+    def _final_fire_at(self) -> float:
+        """Return when a wait for every id fires ahead (see ``lead``); infinity once an id is late.
+
+        O(ids), asked once per round, and only by a final wait.
+        """
+        assert self.lead is not None
+        on_time = self.schedule.expected_render + self.schedule.poll_interval
+        last = -math.inf
+        for track in self._tracks.values():
+            if track.status in ENDED_STATUSES:
+                continue
+            if track.due > track.submitted_at + on_time:
+                return math.inf
+            last = max(last, track.due)
+        return last - self.lead
 
     def _coming(self, now: float) -> int:
         """Return how many ids no poller has polled yet are due for their first poll by ``now + lead``.
@@ -293,6 +323,13 @@ class PollTracker:
         assert self.lead is not None
         upto = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
         return sum(1 for _, tid in self._firsts[:upto] if self._tracks[tid].polls == 0)
+
+    def _ahead(self, now: float, need: int) -> bool:
+        """Return whether the ids still needed are due within the lead (see ``lead``)."""
+        assert self.lead is not None
+        if self._waits_for_all(need):
+            return now >= self._final_fire_at()
+        return self._ended + self._coming(now) >= need
 
     def polls(self, task_id: str | None = None) -> int:
         """Return the polls made for ``task_id``, or for all ids."""
@@ -323,7 +360,7 @@ class PollTracker:
         """
         need = len(self._tracks) if fire_when_done is None else min(fire_when_done, len(self._tracks))
         ended = self._ended
-        if ended >= need or (self.lead is not None and ended + self._coming(now) >= need):
+        if ended >= need or (self.lead is not None and self._ahead(now, need)):
             return self._outcome("success", None)
         if self.consecutive_errors >= self.schedule.max_consecutive_errors:
             return self._outcome(
