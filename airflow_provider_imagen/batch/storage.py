@@ -13,10 +13,13 @@ a new process, so that was paid on every pass.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import uuid
-from typing import Final
+from collections.abc import Callable
+from typing import BinaryIO, Final
 from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
@@ -78,6 +81,36 @@ def write_whole(dest: ObjectStoragePath, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())  # the data, before the name: a crash never leaves a named empty file
+    os.replace(scratch, name)
+    fsync_folder(folder)
+
+
+def write_whole_from(dest: ObjectStoragePath, fill: Callable[[BinaryIO], None]) -> None:
+    """Write what ``fill`` writes into the file object it is given, whole, as :func:`write_whole` does.
+
+    Why: a large file (a journal snapshot) built in memory and then copied into ``bytes`` costs twice
+    its size at once; on local disk ``fill`` writes straight to the file, so no copy of it is held.
+    Object stores still get one PUT of the whole content.
+    """
+    name = local_file(dest)
+    if name is None:
+        buffer = io.BytesIO()
+        fill(buffer)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(buffer.getvalue())
+        return
+    folder = os.path.dirname(name)
+    os.makedirs(folder, exist_ok=True)
+    scratch = os.path.join(folder, f".{os.path.basename(name)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(scratch, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
     os.replace(scratch, name)
     fsync_folder(folder)
 
