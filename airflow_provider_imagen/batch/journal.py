@@ -30,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -809,9 +810,10 @@ class Journal:
         folded = [path for path, _ in texts]
         table = entries.state_table(sorted(changed))
         merged = _levels_to_merge([t.num_rows for _, t in levels], table.num_rows)
-        sources = [table]
+        sources, files = [table], [None]
         if merged:
             sources = [*(t for _, t in levels[-merged:]), table]
+            files = [*(local_file(path) for path, _ in levels[-merged:]), None]
             folded = [path for path, _ in levels[-merged:]] + folded
         if not folded:
             return None
@@ -839,7 +841,7 @@ class Journal:
             # comes from (on local disk; an object store gets one PUT of it from memory).
             parts.clear()
             with pa.ipc.new_file(handle, schema) as writer:
-                for part in _latest_parts(sources):
+                for part in _latest_parts(sources, files):
                     writer.write_table(part, max_chunksize=_MERGE_SLICE)
                     if not on_disk:
                         parts.append(part)
@@ -977,11 +979,13 @@ def _levels_to_merge(sizes: list[int], new: int) -> int:
     return merged
 
 
-def _latest_parts(tables: list[pa.Table]) -> Iterator[pa.Table]:
+def _latest_parts(tables: list[pa.Table], files: list[str | None] | None = None) -> Iterator[pa.Table]:
     """Yield the rows of ``tables`` (oldest first) with, for each key, only its latest row, in order.
 
     The rows come in slices of at most :data:`_MERGE_SLICE`, so merging large levels holds one slice
-    of the result at a time; the order is that of the rows in ``tables`` one after the other.
+    of the result at a time; the order is that of the rows in ``tables`` one after the other. A table
+    mapped from a local file (``files``, one name or ``None`` per table) has its rows read from the
+    file a batch at a time (see :func:`_batches_of`).
     """
     import pyarrow as pa
 
@@ -1000,13 +1004,42 @@ def _latest_parts(tables: list[pa.Table]) -> Iterator[pa.Table]:
     del seen
     keep.reverse()
     schema = state_schema()
-    for table, rows in zip(tables, keep, strict=True):
+    for table, name, rows in zip(tables, files or [None] * len(tables), keep, strict=True):
         if not rows:
             continue
-        table = table.select(schema.names).cast(schema).replace_schema_metadata(None)
-        for start in range(0, len(rows), _MERGE_SLICE):
-            taken = pa.array(rows[start : start + _MERGE_SLICE], type=pa.int64())
-            yield table.take(taken)
+        # Batch by batch: ``take`` on a table of several batches first copies each column whole.
+        offset, at = 0, 0
+        for batch in _batches_of(table, name):
+            end = offset + batch.num_rows
+            stop = bisect.bisect_left(rows, end, at)
+            if stop > at:
+                local = pa.array([row - offset for row in rows[at:stop]], type=pa.int64())
+                part = pa.Table.from_batches([batch.take(local)])
+                yield part.select(schema.names).cast(schema).replace_schema_metadata(None)
+            offset, at = end, stop
+
+
+def _batches_of(table: pa.Table, name: str | None) -> Iterator[pa.RecordBatch]:
+    """Yield the rows of ``table`` a batch at a time, read from ``name`` when it is the file it maps.
+
+    Why read the file again: rows read through the mapping stay in the process's resident memory
+    until the level is dropped, so a merge would hold every level it reads at once; a batch read from
+    the file is freed once taken from. A file gone meanwhile (another reader compacted it) is read
+    through the mapping, which stays valid.
+    """
+    import pyarrow as pa
+
+    if name is not None:
+        try:
+            reader = pa.ipc.open_file(pa.OSFile(name))
+        except FileNotFoundError:
+            pass
+        else:
+            # The same rows in the same order: a snapshot file is never changed once named.
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+    yield from table.to_batches(max_chunksize=_MERGE_SLICE)
 
 
 def _clock_of(record: Mapping[str, Any]) -> dict[str, Any]:
