@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, overload
 
@@ -65,18 +66,25 @@ SPEC_SCHEMA: Final = pa.schema(
 )
 
 
+#: Specs a :class:`SpecTable` keeps built, the latest used (a window's worth, for most windows).
+KEPT_SPECS: Final = 4096
+#: Rows read into Python objects at a time when every spec is built in order.
+_ITER_SLICE: Final = 8192
+
+
 class SpecTable(Sequence[ImageSpec]):
     """The specs of a try read from the cache: an :class:`ImageSpec` is built only when a row is used.
 
-    Why lazy: a resume needs the specs of its window, not of every row; the window index takes
-    :attr:`keys`, :attr:`digests` and :attr:`valid` as plain lists instead. Specs built stay built, so
-    a row used twice is the same object. Iterating builds every spec (the end of a run writes them all
-    to the manifest) from whole columns at once.
+    Why lazy: a pass needs the specs of its window, not of every row; the window index takes
+    :attr:`keys`, :attr:`digests` and :attr:`valid` as plain lists instead. The specs built last stay
+    built (up to :data:`KEPT_SPECS`), so a row used twice in a pass is built once; a long stream does not
+    keep every row it sent. Iterating builds every spec (the end of a run writes them all to the
+    manifest) from a slice of the columns at a time.
     """
 
     def __init__(self, table: pa.Table) -> None:
         self._table = table
-        self._built: dict[int, ImageSpec] = {}
+        self._built: OrderedDict[int, ImageSpec] = OrderedDict()
         self._keys: list[str] | None = None
         self._digests: list[str | None] | None = None
         self._valid: list[bool] | None = None
@@ -137,15 +145,19 @@ class SpecTable(Sequence[ImageSpec]):
             row = {name: self._table.column(name)[index].as_py() for name in SPEC_SCHEMA.names}
             spec = self._built[index] = _spec(row)
             self.materialized += 1
+            if len(self._built) > KEPT_SPECS:
+                self._built.popitem(last=False)
         return spec
 
     def __iter__(self) -> Iterator[ImageSpec]:
-        columns = [self._table.column(name).to_pylist() for name in SPEC_SCHEMA.names]
-        for index, values in enumerate(zip(*columns, strict=True)):
-            spec = self._built.get(index)
-            if spec is None:
-                spec = _spec(dict(zip(SPEC_SCHEMA.names, values, strict=True)))
-            yield spec
+        for start in range(0, len(self), _ITER_SLICE):
+            part = self._table.slice(start, _ITER_SLICE)
+            columns = [part.column(name).to_pylist() for name in SPEC_SCHEMA.names]
+            for offset, values in enumerate(zip(*columns, strict=True)):
+                spec = self._built.get(start + offset)
+                if spec is None:
+                    spec = _spec(dict(zip(SPEC_SCHEMA.names, values, strict=True)))
+                yield spec
 
 
 def _spec(row: dict[str, Any]) -> ImageSpec:
@@ -317,6 +329,40 @@ def load_specs(
     if key is not None and write:
         write_cache(folder, key, specs)  # type: ignore[arg-type]
     return specs
+
+
+def cached_specs(
+    table: Table,
+    folder: ObjectStoragePath,
+    specs: Sequence[ImageSpec],
+    **arguments: Any,
+) -> Sequence[ImageSpec]:
+    """Write the cache of ``specs`` (as :func:`cache_specs`) and return them as read back from it.
+
+    Why: the specs of a first pass, held as Python objects for a whole stream, cost several hundred
+    bytes per row; read back from the cache (mapped on local disk) they cost their columns, and a
+    spec is built only for the rows a pass uses, as on a resume. ``specs`` is returned unchanged when
+    nothing could be written or read back.
+    """
+    if not cache_specs(table, folder, specs, **arguments) or not isinstance(table, pa.Table):
+        return specs
+    cached = read_cache(folder, fingerprint(table, **_expansion_arguments(arguments)))
+    if cached is None or len(cached) != len(specs):
+        return specs
+    return cached
+
+
+def _expansion_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Return ``arguments`` with the defaults :func:`cache_specs` applies to those not given."""
+    return {
+        "id_column": ID_COLUMN,
+        "prompt_column": PROMPT_COLUMN,
+        "size_column": SIZE_COLUMN,
+        "sizes": None,
+        "default_size": DEFAULT_SIZE,
+        "variations": 1,
+        **arguments,
+    }
 
 
 def cache_specs(
