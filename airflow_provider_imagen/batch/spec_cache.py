@@ -29,7 +29,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, Final, overload
+from typing import Any, BinaryIO, Final, overload
 
 import pyarrow as pa
 from airflow.sdk import ObjectStoragePath
@@ -37,7 +37,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen import __version__
 from airflow_provider_imagen.api.models import DEFAULT_SIZE, ImageRequest
 from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
-from airflow_provider_imagen.batch.storage import local_file, read_bytes, write_whole
+from airflow_provider_imagen.batch.storage import local_file, read_bytes, write_whole_from
 from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN, Table
 
 log = logging.getLogger(__name__)
@@ -254,27 +254,18 @@ def write_cache(folder: ObjectStoragePath, key: str, specs: Sequence[ImageSpec])
     A failure is logged and ignored: without the file a resume expands the table, as it did before.
     """
     path = folder / f"{key}{_SUFFIX}"
+    schema = SPEC_SCHEMA.with_metadata(
+        {_META_FINGERPRINT: key.encode(), _META_VERSION: str(SPEC_FORMAT_VERSION).encode()}
+    )
+
+    def fill(handle: BinaryIO) -> None:
+        # A slice of rows at a time: the columns of 10^5 specs are never all in memory at once.
+        with pa.ipc.new_file(handle, schema) as writer:
+            for start in range(0, len(specs), _ITER_SLICE):
+                writer.write_batch(_batch(specs[start : start + _ITER_SLICE]))
+
     try:
-        columns = {
-            "key": [s.key for s in specs],
-            "row": [s.row for s in specs],
-            "prompt_id": [s.prompt_id for s in specs],
-            "prompt": [s.prompt for s in specs],
-            "size": [s.size for s in specs],
-            "variation": [s.variation for s in specs],
-            "digest": [s.digest for s in specs],
-            "invalid_reason": [s.invalid_reason for s in specs],
-        }
-        # ``from_arrays``, not ``from_pydict``: the latter imports pandas (a third of a second).
-        table = pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in SPEC_SCHEMA], schema=SPEC_SCHEMA
-        ).replace_schema_metadata(
-            {_META_FINGERPRINT: key.encode(), _META_VERSION: str(SPEC_FORMAT_VERSION).encode()}
-        )
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
-        write_whole(path, sink.getvalue().to_pybytes())
+        write_whole_from(path, fill)
     except Exception as exc:
         log.warning("Could not cache the expanded specs at %s (resumes will expand again): %s", path, exc)
         return False
@@ -284,6 +275,24 @@ def write_cache(folder: ObjectStoragePath, key: str, specs: Sequence[ImageSpec])
                 with contextlib.suppress(FileNotFoundError):
                     other.unlink()
     return True
+
+
+def _batch(specs: Sequence[ImageSpec]) -> pa.RecordBatch:
+    """Return ``specs`` as one record batch of :data:`SPEC_SCHEMA`."""
+    columns = {
+        "key": [s.key for s in specs],
+        "row": [s.row for s in specs],
+        "prompt_id": [s.prompt_id for s in specs],
+        "prompt": [s.prompt for s in specs],
+        "size": [s.size for s in specs],
+        "variation": [s.variation for s in specs],
+        "digest": [s.digest for s in specs],
+        "invalid_reason": [s.invalid_reason for s in specs],
+    }
+    # ``from_arrays``, not ``from_pydict``: the latter imports pandas (a third of a second).
+    return pa.RecordBatch.from_arrays(
+        [pa.array(columns[f.name], f.type) for f in SPEC_SCHEMA], schema=SPEC_SCHEMA
+    )
 
 
 def load_specs(
