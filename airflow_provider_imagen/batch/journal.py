@@ -810,7 +810,8 @@ class Journal:
         folded = [path for path, _ in texts]
         table = entries.state_table(sorted(changed))
         merged = _levels_to_merge([t.num_rows for _, t in levels], table.num_rows)
-        sources, files = [table], [None]
+        sources: list[pa.Table] = [table]
+        files: list[str | None] = [None]
         if merged:
             sources = [*(t for _, t in levels[-merged:]), table]
             files = [*(local_file(path) for path, _ in levels[-merged:]), None]
