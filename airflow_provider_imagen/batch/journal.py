@@ -102,7 +102,7 @@ STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
 #: Rows per slice when levels merge (see :func:`_latest_parts`), and per record batch of a snapshot.
-_MERGE_SLICE: Final = 16384
+_MERGE_SLICE: Final = 4096
 
 
 @functools.cache
@@ -435,8 +435,15 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         override, nothing left to mirror.
         """
         yield from list(self._live.items())
+        # Whether each row is settled, per level, without keeping the column (a run's end reads it once).
+        unsettled = [
+            [value is None for value in self._column(level, "settled")]
+            if "settled" in self._columns[level]
+            else self._levels[level].column("settled").is_null().to_pylist()
+            for level in range(len(self._levels))
+        ]
         for key, (level, row) in list(self._where.items()):
-            if key not in self._live and self._column(level, "settled")[row] is None:
+            if key not in self._live and unsettled[level][row]:
                 yield key, self[key]
 
     def settled(self, key: str, digest: str | None) -> tuple[str, int] | None:
