@@ -30,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -42,13 +43,20 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, cast, get_args
 
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_imagen.batch import fence
 from airflow_provider_imagen.batch.fence import FencedError, Lease
-from airflow_provider_imagen.batch.storage import as_path, path_part, read_bytes, write_whole
+from airflow_provider_imagen.batch.storage import (
+    as_path,
+    local_file,
+    path_part,
+    read_bytes,
+    write_whole,
+    write_whole_from,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -93,6 +101,8 @@ _META_VERSION: Final = b"imagen_journal_state_version"
 STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
+#: Rows per slice when levels merge (see :func:`_latest_parts`), and per record batch of a snapshot.
+_MERGE_SLICE: Final = 4096
 
 
 @functools.cache
@@ -425,8 +435,15 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         override, nothing left to mirror.
         """
         yield from list(self._live.items())
+        # Whether each row is settled, per level, without keeping the column (a run's end reads it once).
+        unsettled = [
+            [value is None for value in self._column(level, "settled")]
+            if "settled" in self._columns[level]
+            else self._levels[level].column("settled").is_null().to_pylist()
+            for level in range(len(self._levels))
+        ]
         for key, (level, row) in list(self._where.items()):
-            if key not in self._live and self._column(level, "settled")[row] is None:
+            if key not in self._live and unsettled[level][row]:
                 yield key, self[key]
 
     def settled(self, key: str, digest: str | None) -> tuple[str, int] | None:
@@ -677,14 +694,16 @@ class Journal:
 
         if not path.name.endswith(_STATE_SUFFIX):
             return self._read(path)
+        name = local_file(path)
         try:
-            data = read_bytes(path)
+            # Mapped on local disk: a level's entries cost memory only once read (see _written_level).
+            source = pa.memory_map(name) if name is not None else pa.BufferReader(read_bytes(path))
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
         try:
-            table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+            table = pa.ipc.open_file(source).read_all()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise JournalReadError(f"journal snapshot {path} is not a readable Arrow file: {exc}") from exc
         if not set(state_schema().names) <= set(table.schema.names):
@@ -798,8 +817,11 @@ class Journal:
         folded = [path for path, _ in texts]
         table = entries.state_table(sorted(changed))
         merged = _levels_to_merge([t.num_rows for _, t in levels], table.num_rows)
+        sources: list[pa.Table] = [table]
+        files: list[str | None] = [None]
         if merged:
-            table = _latest_rows([*(t for _, t in levels[-merged:]), table])
+            sources = [*(t for _, t in levels[-merged:]), table]
+            files = [*(local_file(path) for path, _ in levels[-merged:]), None]
             folded = [path for path, _ in levels[-merged:]] + folded
         if not folded:
             return None
@@ -815,18 +837,52 @@ class Journal:
             _META_TRIES: json.dumps({str(k): v for k, v in tries.items()}, separators=(",", ":")).encode(),
             _META_VERSION: str(STATE_VERSION).encode(),
         }
-        table = table.replace_schema_metadata(meta)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
+        schema = state_schema().with_metadata(meta)
         last = max(path.name.split("~", 1)[0].removesuffix(_SEGMENT_SUFFIX) for path in folded)
         name = f"{last}~{len(holds):010d}-{uuid.uuid4().hex[:8]}{_STATE_SUFFIX}"
-        write_whole(self.path / name, sink.getvalue().to_pybytes())
+        dest = self.path / name
+        on_disk = local_file(dest) is not None
+        parts: list[pa.Table] = []
+
+        def fill(handle: BinaryIO) -> None:
+            # Written a slice at a time: the merged level is never held whole beside the levels it
+            # comes from (on local disk; an object store gets one PUT of it from memory).
+            parts.clear()
+            with pa.ipc.new_file(handle, schema) as writer:
+                for part in _latest_parts(sources, files):
+                    writer.write_table(part, max_chunksize=_MERGE_SLICE)
+                    if not on_disk:
+                        parts.append(part)
+
+        write_whole_from(dest, fill)
+        table = self._written_level(dest, sources, parts, meta)
         self.compacted_rows += table.num_rows
         for path in [*folded, *(self.path / name for name in sorted(stale))]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        return self.path / name, table, merged
+        return dest, table, merged
+
+    @staticmethod
+    def _written_level(
+        dest: ObjectStoragePath, sources: list[pa.Table], parts: list[pa.Table], meta: dict[bytes, bytes]
+    ) -> pa.Table:
+        """Return the level just written to ``dest``: mapped from the file on local disk, else in memory.
+
+        Mapped, a level's rows cost no memory of the process until they are read (a run's levels hold
+        a whole entry per row, and a stream reads the entries of its window only).
+        """
+        import pyarrow as pa
+
+        name = local_file(dest)
+        if name is not None:
+            try:
+                return pa.ipc.open_file(pa.memory_map(name)).read_all()
+            except FileNotFoundError:
+                # Another reader compacted it away already: the rows are the same, built from memory.
+                parts = list(_latest_parts(sources))
+        if not parts:
+            return state_schema().empty_table().replace_schema_metadata(meta)
+        return pa.concat_tables(parts).replace_schema_metadata(meta)
 
     def _segments(self) -> list[ObjectStoragePath]:
         try:
@@ -932,14 +988,67 @@ def _levels_to_merge(sizes: list[int], new: int) -> int:
     return merged
 
 
-def _latest_rows(tables: list[pa.Table]) -> pa.Table:
-    """Return the rows of ``tables`` (oldest first) with, for each key, only its latest row."""
+def _latest_parts(tables: list[pa.Table], files: list[str | None] | None = None) -> Iterator[pa.Table]:
+    """Yield the rows of ``tables`` (oldest first) with, for each key, only its latest row, in order.
+
+    The rows come in slices of at most :data:`_MERGE_SLICE`, so merging large levels holds one slice
+    of the result at a time; the order is that of the rows in ``tables`` one after the other. A table
+    mapped from a local file (``files``, one name or ``None`` per table) has its rows read from the
+    file a batch at a time (see :func:`_batches_of`).
+    """
     import pyarrow as pa
 
-    merged = pa.concat_tables([t.select(state_schema().names).cast(state_schema()) for t in tables])
-    keys = merged.column("key").to_pylist()
-    latest = {key: i for i, key in enumerate(keys)}
-    return merged.take(pa.array(sorted(latest.values()), type=pa.int64()))
+    seen: set[str] = set()
+    keep: list[list[int]] = []
+    for table in reversed(tables):  # newest first: a key's first row met is its latest
+        rows = []
+        keys = table.column("key").to_pylist()
+        for row in range(len(keys) - 1, -1, -1):
+            key = keys[row]
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        rows.reverse()
+        keep.append(rows)
+    del seen
+    keep.reverse()
+    schema = state_schema()
+    for table, name, rows in zip(tables, files or [None] * len(tables), keep, strict=True):
+        if not rows:
+            continue
+        # Batch by batch: ``take`` on a table of several batches first copies each column whole.
+        offset, at = 0, 0
+        for batch in _batches_of(table, name):
+            end = offset + batch.num_rows
+            stop = bisect.bisect_left(rows, end, at)
+            if stop > at:
+                local = pa.array([row - offset for row in rows[at:stop]], type=pa.int64())
+                part = pa.Table.from_batches([batch.take(local)])
+                yield part.select(schema.names).cast(schema).replace_schema_metadata(None)
+            offset, at = end, stop
+
+
+def _batches_of(table: pa.Table, name: str | None) -> Iterator[pa.RecordBatch]:
+    """Yield the rows of ``table`` a batch at a time, read from ``name`` when it is the file it maps.
+
+    Why read the file again: rows read through the mapping stay in the process's resident memory
+    until the level is dropped, so a merge would hold every level it reads at once; a batch read from
+    the file is freed once taken from. A file gone meanwhile (another reader compacted it) is read
+    through the mapping, which stays valid.
+    """
+    import pyarrow as pa
+
+    if name is not None:
+        try:
+            reader = pa.ipc.open_file(pa.OSFile(name))
+        except FileNotFoundError:
+            pass
+        else:
+            # The same rows in the same order: a snapshot file is never changed once named.
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+    yield from table.to_batches(max_chunksize=_MERGE_SLICE)
 
 
 def _clock_of(record: Mapping[str, Any]) -> dict[str, Any]:

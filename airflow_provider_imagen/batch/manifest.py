@@ -328,7 +328,7 @@ class WrittenManifest:
 
 
 #: Rows per Parquet row group when a manifest is streamed: the rows in memory at once, at most.
-STREAM_ROWS: Final = 10_000
+STREAM_ROWS: Final = 2_000
 
 
 def write_manifest_stream(

@@ -27,8 +27,9 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, Final, overload
+from typing import Any, BinaryIO, Final, overload
 
 import pyarrow as pa
 from airflow.sdk import ObjectStoragePath
@@ -36,7 +37,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen import __version__
 from airflow_provider_imagen.api.models import DEFAULT_SIZE, ImageRequest
 from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
-from airflow_provider_imagen.batch.storage import local_file, read_bytes, write_whole
+from airflow_provider_imagen.batch.storage import local_file, read_bytes, write_whole_from
 from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN, Table
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,25 @@ SPEC_SCHEMA: Final = pa.schema(
 )
 
 
+#: Specs a :class:`SpecTable` keeps built, the latest used (a window's worth, for most windows).
+KEPT_SPECS: Final = 4096
+#: Rows read into Python objects at a time when every spec is built in order.
+_ITER_SLICE: Final = 8192
+
+
 class SpecTable(Sequence[ImageSpec]):
     """The specs of a try read from the cache: an :class:`ImageSpec` is built only when a row is used.
 
-    Why lazy: a resume needs the specs of its window, not of every row; the window index takes
-    :attr:`keys`, :attr:`digests` and :attr:`valid` as plain lists instead. Specs built stay built, so
-    a row used twice is the same object. Iterating builds every spec (the end of a run writes them all
-    to the manifest) from whole columns at once.
+    Why lazy: a pass needs the specs of its window, not of every row; the window index takes
+    :attr:`keys`, :attr:`digests` and :attr:`valid` as plain lists instead. The specs built last stay
+    built (up to :data:`KEPT_SPECS`), so a row used twice in a pass is built once; a long stream does not
+    keep every row it sent. Iterating builds every spec (the end of a run writes them all to the
+    manifest) from a slice of the columns at a time.
     """
 
     def __init__(self, table: pa.Table) -> None:
         self._table = table
-        self._built: dict[int, ImageSpec] = {}
+        self._built: OrderedDict[int, ImageSpec] = OrderedDict()
         self._keys: list[str] | None = None
         self._digests: list[str | None] | None = None
         self._valid: list[bool] | None = None
@@ -137,15 +145,19 @@ class SpecTable(Sequence[ImageSpec]):
             row = {name: self._table.column(name)[index].as_py() for name in SPEC_SCHEMA.names}
             spec = self._built[index] = _spec(row)
             self.materialized += 1
+            if len(self._built) > KEPT_SPECS:
+                self._built.popitem(last=False)
         return spec
 
     def __iter__(self) -> Iterator[ImageSpec]:
-        columns = [self._table.column(name).to_pylist() for name in SPEC_SCHEMA.names]
-        for index, values in enumerate(zip(*columns, strict=True)):
-            spec = self._built.get(index)
-            if spec is None:
-                spec = _spec(dict(zip(SPEC_SCHEMA.names, values, strict=True)))
-            yield spec
+        for start in range(0, len(self), _ITER_SLICE):
+            part = self._table.slice(start, _ITER_SLICE)
+            columns = [part.column(name).to_pylist() for name in SPEC_SCHEMA.names]
+            for offset, values in enumerate(zip(*columns, strict=True)):
+                spec = self._built.get(start + offset)
+                if spec is None:
+                    spec = _spec(dict(zip(SPEC_SCHEMA.names, values, strict=True)))
+                yield spec
 
 
 def _spec(row: dict[str, Any]) -> ImageSpec:
@@ -242,27 +254,18 @@ def write_cache(folder: ObjectStoragePath, key: str, specs: Sequence[ImageSpec])
     A failure is logged and ignored: without the file a resume expands the table, as it did before.
     """
     path = folder / f"{key}{_SUFFIX}"
+    schema = SPEC_SCHEMA.with_metadata(
+        {_META_FINGERPRINT: key.encode(), _META_VERSION: str(SPEC_FORMAT_VERSION).encode()}
+    )
+
+    def fill(handle: BinaryIO) -> None:
+        # A slice of rows at a time: the columns of 10^5 specs are never all in memory at once.
+        with pa.ipc.new_file(handle, schema) as writer:
+            for start in range(0, len(specs), _ITER_SLICE):
+                writer.write_batch(_batch(specs[start : start + _ITER_SLICE]))
+
     try:
-        columns = {
-            "key": [s.key for s in specs],
-            "row": [s.row for s in specs],
-            "prompt_id": [s.prompt_id for s in specs],
-            "prompt": [s.prompt for s in specs],
-            "size": [s.size for s in specs],
-            "variation": [s.variation for s in specs],
-            "digest": [s.digest for s in specs],
-            "invalid_reason": [s.invalid_reason for s in specs],
-        }
-        # ``from_arrays``, not ``from_pydict``: the latter imports pandas (a third of a second).
-        table = pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in SPEC_SCHEMA], schema=SPEC_SCHEMA
-        ).replace_schema_metadata(
-            {_META_FINGERPRINT: key.encode(), _META_VERSION: str(SPEC_FORMAT_VERSION).encode()}
-        )
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=65536)
-        write_whole(path, sink.getvalue().to_pybytes())
+        write_whole_from(path, fill)
     except Exception as exc:
         log.warning("Could not cache the expanded specs at %s (resumes will expand again): %s", path, exc)
         return False
@@ -272,6 +275,24 @@ def write_cache(folder: ObjectStoragePath, key: str, specs: Sequence[ImageSpec])
                 with contextlib.suppress(FileNotFoundError):
                     other.unlink()
     return True
+
+
+def _batch(specs: Sequence[ImageSpec]) -> pa.RecordBatch:
+    """Return ``specs`` as one record batch of :data:`SPEC_SCHEMA`."""
+    columns = {
+        "key": [s.key for s in specs],
+        "row": [s.row for s in specs],
+        "prompt_id": [s.prompt_id for s in specs],
+        "prompt": [s.prompt for s in specs],
+        "size": [s.size for s in specs],
+        "variation": [s.variation for s in specs],
+        "digest": [s.digest for s in specs],
+        "invalid_reason": [s.invalid_reason for s in specs],
+    }
+    # ``from_arrays``, not ``from_pydict``: the latter imports pandas (a third of a second).
+    return pa.RecordBatch.from_arrays(
+        [pa.array(columns[f.name], f.type) for f in SPEC_SCHEMA], schema=SPEC_SCHEMA
+    )
 
 
 def load_specs(
@@ -317,6 +338,40 @@ def load_specs(
     if key is not None and write:
         write_cache(folder, key, specs)  # type: ignore[arg-type]
     return specs
+
+
+def cached_specs(
+    table: Table,
+    folder: ObjectStoragePath,
+    specs: Sequence[ImageSpec],
+    **arguments: Any,
+) -> Sequence[ImageSpec]:
+    """Write the cache of ``specs`` (as :func:`cache_specs`) and return them as read back from it.
+
+    Why: the specs of a first pass, held as Python objects for a whole stream, cost several hundred
+    bytes per row; read back from the cache (mapped on local disk) they cost their columns, and a
+    spec is built only for the rows a pass uses, as on a resume. ``specs`` is returned unchanged when
+    nothing could be written or read back.
+    """
+    if not cache_specs(table, folder, specs, **arguments) or not isinstance(table, pa.Table):
+        return specs
+    cached = read_cache(folder, fingerprint(table, **_expansion_arguments(arguments)))
+    if cached is None or len(cached) != len(specs):
+        return specs
+    return cached
+
+
+def _expansion_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Return ``arguments`` with the defaults :func:`cache_specs` applies to those not given."""
+    return {
+        "id_column": ID_COLUMN,
+        "prompt_column": PROMPT_COLUMN,
+        "size_column": SIZE_COLUMN,
+        "sizes": None,
+        "default_size": DEFAULT_SIZE,
+        "variations": 1,
+        **arguments,
+    }
 
 
 def cache_specs(

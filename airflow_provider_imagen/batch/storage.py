@@ -13,10 +13,13 @@ a new process, so that was paid on every pass.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import random
-from typing import Final
+from collections.abc import Callable
+from typing import BinaryIO, Final
 from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
@@ -71,6 +74,27 @@ def write_whole(dest: ObjectStoragePath, data: bytes) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)  # one PUT: object stores never show half an object
         return
+    _write_local(name, lambda handle: handle.write(data))
+
+
+def write_whole_from(dest: ObjectStoragePath, fill: Callable[[BinaryIO], object]) -> None:
+    """Write what ``fill`` writes into the file object it is given, whole, as :func:`write_whole` does.
+
+    Why: a large file (a journal snapshot) built in memory and then copied into ``bytes`` costs twice
+    its size at once; on local disk ``fill`` writes straight to the file, so no copy of it is held.
+    Object stores still get one PUT of the whole content.
+    """
+    name = local_file(dest)
+    if name is None:
+        buffer = io.BytesIO()
+        fill(buffer)
+        write_whole(dest, buffer.getvalue())
+        return
+    _write_local(name, fill)
+
+
+def _write_local(name: str, fill: Callable[[BinaryIO], object]) -> None:
+    """Write a local file aside, fsync it, rename it into place and fsync its folder."""
     folder = os.path.dirname(name)
     # A name no other writer (thread, process or host) picks; the pid spares a random syscall per file.
     tag = f"{os.getpid()}-{random.getrandbits(48):012x}"
@@ -80,10 +104,15 @@ def write_whole(dest: ObjectStoragePath, data: bytes) -> None:
     except FileNotFoundError:  # the folder's first file: asking first would cost a stat per write
         os.makedirs(folder, exist_ok=True)
         handle = open(scratch, "wb")  # noqa: SIM115
-    with handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())  # the data, before the name: a crash never leaves a named empty file
+    try:
+        with handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the data, before the name: a crash never leaves a named empty file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
     os.replace(scratch, name)
     fsync_folder(folder)
 

@@ -273,9 +273,11 @@ class ImagenBatchGenerateOperator(BaseOperator):
         ).epoch
         # Resumes read the specs back instead of expanding the table again (written once this try will
         # pay: a try that fails its checks leaves no journal folder).
-        from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cache_specs
+        from airflow_provider_imagen.batch.spec_cache import CACHE_FOLDER, cached_specs
 
-        cache_specs(table, journal.path / CACHE_FOLDER, specs, **self._expansion())
+        # The rest of the try reads them from the cache as a resume does: a spec is built only for the
+        # rows a pass uses, instead of one object per row held for the whole stream.
+        specs = cached_specs(table, journal.path / CACHE_FOLDER, specs, **self._expansion())
         entries = journal.load()
         if self.check_balance and balance is not None:
             from airflow_provider_imagen.batch.engine import budget_with_balance

@@ -72,18 +72,18 @@ def test_two_readers_compacting_at_once_never_double_a_record(tmp_path: Path, mo
         key = f"k{i}|1:1|v0"
         j.append([new_record("intent", key, a=f"a{i}")])
         j.append([new_record("ambiguous", key, a=f"a{i}", reason="502 after sending")])
-    real = module.write_whole
+    real = module.write_whole_from
     nested: list[int] = []
 
-    def the_other_compacts_first(dest, data):  # type: ignore[no-untyped-def]
+    def the_other_compacts_first(dest, fill):  # type: ignore[no-untyped-def]
         if dest.name.endswith(".arrow") and not nested:
             nested.append(1)
             journal(tmp_path, compact_over=10).load()  # compacts and deletes the same segments first
-        real(dest, data)
+        real(dest, fill)
 
-    monkeypatch.setattr(module, "write_whole", the_other_compacts_first)
+    monkeypatch.setattr(module, "write_whole_from", the_other_compacts_first)
     j.load()
-    monkeypatch.setattr(module, "write_whole", real)
+    monkeypatch.setattr(module, "write_whole_from", real)
     assert [n.endswith(".arrow") for n in segments(j)] == [True, True]
     entries = journal(tmp_path).load()
     assert len(entries) == 15
