@@ -359,25 +359,16 @@ class ImagenBatchGenerateOperator(BaseOperator):
         *,
         client: Any,
         entries: MutableMapping[str, Any] | None = None,
+        threads: PassThreads | None = None,
     ) -> dict[str, Any]:
         # pyarrow: not at DAG parse
-        from airflow_provider_imagen.batch.engine import PassThreads
+        from airflow_provider_imagen.batch.engine import BatchPass, PassThreads, entries_for_next_pass
 
-        with PassThreads(self.settings) as threads:  # kept across this process's passes
-            return self._loop(context, journal, specs, clock, outcome, client, entries, threads)
-
-    def _loop(
-        self,
-        context: Context,
-        journal: Journal,
-        specs: Sequence[ImageSpec],
-        clock: RunClock,
-        outcome: PollOutcome | None,
-        client: Any,
-        entries: MutableMapping[str, Any] | None,
-        threads: PassThreads,
-    ) -> dict[str, Any]:
-        from airflow_provider_imagen.batch.engine import BatchPass, entries_for_next_pass
+        if threads is None:
+            with PassThreads(self.settings) as threads:  # kept across this process's passes
+                return self._run(
+                    context, journal, specs, clock, outcome, client=client, entries=entries, threads=threads
+                )
 
         answers: dict[str, Any] = {}  # terminal answers seen on this worker, URLs included; never XCom
         index = None  # the plan kept across the passes of this process (see WindowIndex)
