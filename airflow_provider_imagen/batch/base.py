@@ -160,10 +160,7 @@ class RunClock:
           ``Retry-After``: every 429 of one burst (several batches asking at once) is one signal, not
           one decrease each. Nor does it stay above what the batch has in flight: the account is full
           at that, so a window far above it (a batch starting, or one that just lost places to others)
-          would only hear more 429s. One cut takes it to half at most, though: a limit on requests per
-          second, or a pass resumed before its ended tasks' places were refilled, finds few tasks in
-          flight, and a window cut to those would crawl back one place per window's worth of submits.
-          A 429 heard with nothing of the batch in flight only says "wait":
+          would only hear more 429s. A 429 heard with nothing of the batch in flight only says "wait":
           the account is full of other work, and shrinking a window that holds nothing would not
           lighten it.
 
@@ -180,7 +177,7 @@ class RunClock:
         window = self.current_window(ceiling)
         if retry_after is not None:
             if in_flight and (self.calm_until is None or now >= self.calm_until):
-                self.window = self.threshold = max(1, window // 2, min(int(window * DECREASE), in_flight))
+                self.window = self.threshold = max(1, min(int(window * DECREASE), in_flight))
                 self.credit = 0
                 self.calm_until = now + retry_after
         elif accepted and held_back and window < ceiling:
