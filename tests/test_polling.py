@@ -325,25 +325,30 @@ class TestStopping:
 
     def test_a_wait_for_every_id_fires_ahead_of_the_last_next_poll_while_all_are_on_time(self) -> None:
         """With nothing left to send, the trigger fires ``lead`` before the last unfinished id's next poll
-        (first or second), so the worker makes those polls on arrival; once an id is past its second
-        poll (a slow render), it fires only when every id has ended."""
-        submitted = {"a": 0.0, "b": 1.0}
+        (first or second), so the worker makes those polls on arrival, once some id has ended on
+        schedule; before any end, or once an id is past its second poll (a slow render), it fires only
+        when every id has ended."""
+        submitted = {"a": 0.0, "b": 1.0, "c": 2.0}
         tracker = PollTracker(submitted, PollSchedule(), start=0.0, submitted_at=submitted, lead=1.5)
-        # First polls at 10 and 11: the last is within 1.5 s at 9.5.
-        assert tracker.result(9.0, FAR) is None
-        assert tracker.next_wake(9.0, FAR) == pytest.approx(9.5)  # no poll due before: wake for the lead
-        outcome = tracker.result(9.5, FAR)
-        assert outcome is not None and outcome.status == "success" and outcome.polls == 0
-        # a was polled at 10, still rendering: its second poll (12) is the last; fire at 10.5.
-        tracker.record_status("a", "processing", None, 10.0)
-        assert tracker.result(10.4, FAR) is None and tracker.result(10.5, FAR) is not None
-        # Past its second poll (12), a is late: only ends count, and the wake is the next poll.
-        tracker.record_status("a", "processing", None, 12.0)
-        tracker.record_status("b", "completed", None, 12.0)
-        assert tracker.result(14.9, FAR) is None
-        assert tracker.next_wake(12.0, FAR) == pytest.approx(15.0)
-        tracker.record_status("a", "completed", None, 15.0)
-        assert tracker.result(15.0, FAR) is not None
+        # First polls at 10, 11 and 12; nothing seen ended yet: no firing ahead.
+        assert tracker.result(10.5, FAR) is None
+        assert tracker.next_wake(9.0, FAR) == pytest.approx(10.0)  # a's first poll
+        # a ended at its first poll: b's and c's next polls (11, 12) are the last; fire at 10.5.
+        tracker.record_status("a", "completed", None, 10.0)
+        assert tracker.next_wake(10.0, FAR) == pytest.approx(10.5)  # no poll due before: wake for the lead
+        assert tracker.result(10.4, FAR) is None
+        outcome = tracker.result(10.5, FAR)
+        assert outcome is not None and outcome.status == "success" and outcome.polls == 1
+        # b polled at 11, still rendering: its second poll (13) is the last; fire at 11.5.
+        tracker.record_status("b", "processing", None, 11.0)
+        assert tracker.result(11.4, FAR) is None and tracker.result(11.5, FAR) is not None
+        # Past its second poll (13), b is late: only ends count, and the wake is the next poll.
+        tracker.record_status("b", "processing", None, 13.0)
+        tracker.record_status("c", "completed", None, 13.0)
+        assert tracker.result(15.9, FAR) is None
+        assert tracker.next_wake(13.0, FAR) == pytest.approx(16.0)
+        tracker.record_status("b", "completed", None, 16.0)
+        assert tracker.result(16.0, FAR) is not None
 
     def test_nothing_to_watch_is_done(self) -> None:
         outcome = PollTracker([], PollSchedule(), start=0.0).result(0.0, FAR)

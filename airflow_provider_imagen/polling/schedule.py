@@ -162,10 +162,11 @@ class PollTracker:
     :param lead: count, toward the fire condition, ids whose first poll falls due within this many
         seconds and that no poller has polled yet (see :meth:`result`). ``None``: only ended ids count.
         A caller waiting for every id (nothing left to send) fires once every unfinished id's next
-        poll is within the lead, while each is still at its first or second poll: it comes back to
-        make those polls itself, instead of a resume after the last of them. An id later than that (a
-        slow render) turns this off: the caller comes back when everything has ended, not once per
-        backoff step.
+        poll is within the lead, while each is still at its first or second poll and some id has been
+        seen ended (the renders keep to the schedule): it comes back to make those polls itself,
+        instead of a resume after the last of them. Renders slower than the schedule (nothing ended
+        yet, or an id past its second poll) turn this off: the caller comes back when everything has
+        ended, not once per backoff step.
     """
 
     def __init__(
@@ -304,6 +305,8 @@ class PollTracker:
         O(ids), asked once per round, and only by a final wait.
         """
         assert self.lead is not None
+        if not self._ended:
+            return math.inf  # no render has kept to the schedule yet: nothing says the rest will
         on_time = self.schedule.expected_render + self.schedule.poll_interval
         last = -math.inf
         for track in self._tracks.values():
