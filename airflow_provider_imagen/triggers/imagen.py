@@ -97,8 +97,9 @@ class ImagenTaskTrigger(BaseTrigger):
     :param round_gap: least seconds between two poll rounds; ids falling due meanwhile go together.
     :param fire_ahead: fire this many seconds before enough ids are due for their first poll (counted
         with those that ended): a batch's worker, which needs about that long to resume, polls them
-        itself on arrival. Waiting for every id, fire that long before the last next poll, while every
-        id is at its first or second poll (see ``PollTracker``'s ``lead``). ``None``: fire on ends seen.
+        itself on arrival. Waiting for every id, fire that long before the last next poll, once some id
+        ended and while every id is at its first or second poll (see ``PollTracker``'s ``lead``).
+        ``None``: fire on ends seen.
     :param not_before: yield no event before this epoch time (see :func:`resume_not_before`): a
         condition met at once is held until the deferral has settled in the scheduler.
     """
