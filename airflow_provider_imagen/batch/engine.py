@@ -221,12 +221,12 @@ class BatchPass:
         plan = self._plan(stop is not None)
         # The places of the tasks that ended are refilled before their images are downloaded: a place
         # waits for no download (a streaming batch kept 183 of 200 places busy that way, 192 this way),
-        # and the downloads follow in this same pass. Except right after the sweep of a resumed pass:
-        # its burst of GETs may have used up a limit on requests per second, and a submit's 429 then
-        # would read as a full account and cut the window to the few tasks still in flight. Downloads,
-        # free calls that wait out a 429, go first there.
+        # and the downloads follow the first round of submits. Except right after the sweep of a resumed
+        # pass: its burst of GETs may have used up a limit on requests per second, and a submit's 429
+        # then would read as a full account and cut the window to the few tasks still in flight.
+        # Downloads, free calls that wait out a 429, go first there (and when nothing is to be sent).
         unmirrored = plan.to_mirror
-        if sweep and unmirrored:
+        if unmirrored and (sweep or not plan.to_submit):
             self._mirror(unmirrored)
             unmirrored = []
             plan = self._plan(stop is not None)
@@ -247,9 +247,6 @@ class BatchPass:
                 plan = self._plan(stop is not None)
             # The API refused every submit of that window (400s, say) and nothing is rendering: send the
             # next window now. Refused keys are final for this try, so this ends.
-        if unmirrored:
-            self._mirror(unmirrored)
-            plan = self._plan(stop is not None)
         if plan.unknown and not plan.in_flight and not plan.to_submit:
             # Unknown submits may belong to an older try fenced off mid-chunk: it journals the ones it
             # never sent when it wakes. Read once more before giving them up, and send what it left.

@@ -288,12 +288,13 @@ class PollTracker:
         if not self._queue:
             return max(now, self._next_round)
         wake = max(self._queue[0][0], self.paused_until, self._next_round)
-        if self.lead is not None and self._waits_for_all(fire_when_done):
-            wake = min(wake, max(self._final_fire_at(), now))
-        elif self.lead is not None:
-            upcoming = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
-            if upcoming < len(self._firsts):
-                wake = min(wake, max(self._firsts[upcoming][0] - self.lead, now))
+        if self.lead is not None:
+            if self._waits_for_all(fire_when_done):
+                wake = min(wake, max(self._final_fire_at(), now))
+            else:
+                upcoming = bisect.bisect_right(self._firsts, (now + self.lead, "\uffff"))
+                if upcoming < len(self._firsts):
+                    wake = min(wake, max(self._firsts[upcoming][0] - self.lead, now))
         return wake if deadline is None else max(min(wake, deadline), self._next_round)
 
     def _waits_for_all(self, fire_when_done: int | None) -> bool:
