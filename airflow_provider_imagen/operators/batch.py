@@ -94,8 +94,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most. The window starts at 100 (or this,
         if lower), doubles per round of submits the API accepts until its first 429, then shrinks by a
-        tenth on a 429 and grows back per window's worth of accepted submits (twice as often once past
-        the window the 429 cut): batches sharing an account find its capacity.
+        tenth on a 429 and grows back per window's worth of accepted submits: batches sharing an
+        account find its capacity.
     :param refill_fraction: when a wait with rows still to send is deferred, come back to refill once
         this share of the window has ended (and the deferral has lasted ``min_deferral``).
     :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers; its 429s
