@@ -21,12 +21,6 @@ START_WINDOW: Final = 100
 #: batch refills a place only once a poll has seen its task end, so the account is never quite as
 #: full as the windows, and a deep cut empties it further.
 DECREASE: Final = 0.9
-#: Times the window grows per window's worth of accepted submits (about per render) once it is back
-#: above the window that met the last 429. Below that the account was full, and the window creeps back
-#: once per render; above it the account has taken more than before (another batch finished, or gave
-#: way), and growing once per render left 8 batches on one capped account using 84 % of it: the last
-#: ones took seven renders to fill the places the first ones left.
-GROWTHS_BEYOND: Final = 2
 
 StopReason = Literal["deadline", "insufficient_credits", "authentication", "unreachable"]
 #: Why a try sends no more: its deadline passed, the API refused the account or the key (every other
@@ -77,9 +71,9 @@ class BatchSettings:
     poll_interval: float = 2.0
     #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
     check_pixel_size: bool = True
-    #: Shrink the window on a submit answered 429 and grow it back as the API accepts submits (see
-    #: :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the client waits out each
-    #: 429 and sends again.
+    #: Shrink the window on a submit answered 429 and grow it back per window's worth of accepted
+    #: submits (see :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the client
+    #: waits out each 429 and sends again.
     adaptive_window: bool = True
 
     @property
@@ -160,9 +154,8 @@ class RunClock:
         - then it grows per window's worth of accepted submits (about once per render, however many
           rounds a batch refilling at every end runs) by what it grew since the last 429, at least
           one: by one right after a 429, where the account was full, then by 2, 4, … for as long as
-          the account takes everything. Once above the window that met the 429 it grows twice per
-          window's worth (:data:`GROWTHS_BEYOND`), so places another batch left (it finished, or gave
-          way) are taken in a few renders, not one place per render;
+          the account takes everything, so places another batch left (it finished, or gave way) are
+          taken in a few renders, not one place per render;
         - multiplicative decrease: a 429 shrinks it by a tenth (:data:`DECREASE`), at most once per
           ``Retry-After``: every 429 of one burst (several batches asking at once) is one signal, not
           one decrease each. Nor does it stay above what the batch has in flight: the account is full
@@ -195,12 +188,8 @@ class RunClock:
             else:
                 self.credit += accepted
                 grown = window
-                while grown < ceiling:
-                    # ``threshold`` is the window a 429 left: beyond the window it cut, grow faster.
-                    step = grown if grown * DECREASE < self.threshold else -(-grown // GROWTHS_BEYOND)
-                    if self.credit < step:
-                        break
-                    self.credit -= step
+                while self.credit >= grown and grown < ceiling:
+                    self.credit -= grown
                     grown = min(grown + max(1, grown - self.threshold), ceiling)
                 self.window = grown
         return self.current_window(ceiling)

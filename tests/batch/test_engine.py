@@ -223,8 +223,8 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
 
 def test_the_window_starts_low_doubles_until_a_429_then_shrinks_and_creeps() -> None:
     """Slow start until the first 429; then growth per window's worth of accepted submits, by one at
-    first and doubling while the account takes everything, twice as often past the window the 429
-    cut; a tenth off per 429; never above the ceiling."""
+    first and doubling while the account takes everything; a tenth off per 429; never above the
+    ceiling."""
     from airflow_provider_imagen.batch.base import START_WINDOW
 
     clock = RunClock(started_at=0.0, deadline=1.0)
@@ -249,10 +249,6 @@ def test_the_window_starts_low_doubles_until_a_429_then_shrinks_and_creeps() -> 
         started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "credit")}
     )
     assert resumed.adapt_window(1000, now=5.0, in_flight=10, accepted=556, held_back=True) == 664
-    # Past the 720 the last 429 cut, the account takes more than it did: twice per window's worth.
-    assert resumed.adapt_window(1000, now=6.0, in_flight=10, accepted=664 + 680 + 712, held_back=True) == 776
-    assert resumed.adapt_window(1000, now=7.0, in_flight=10, accepted=388, held_back=True) == 904
-    assert resumed.adapt_window(1000, now=8.0, in_flight=10, accepted=452, held_back=True) == 1000
     capped = RunClock(started_at=0.0, deadline=1.0, window=900)
     assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=900, held_back=True) == 1000
     capped.threshold = 500
