@@ -10,7 +10,7 @@ prints the CPU of that process per image, its peak RSS and its wall time:
 
 Each size runs in its own process (peak RSS is per process); the emulator's CPU is not counted. The
 settings are the scale scenarios': renders 1 ± 0.2 s of stock images, window 200, first poll at 1 s then
-every 0.25 s, ``linger`` 5 s, refill on the worker (``check_pixel_size`` off). ``--one N --base-url URL
+every 0.1 s, ``linger`` 5 s, refill on the worker (``check_pixel_size`` off). ``--one N --base-url URL
 --profile FILE`` runs one batch here against a running emulator and writes a cProfile of it.
 """
 
@@ -64,7 +64,7 @@ def run_one(
     window: int,
     workdir: Path,
     profile: str | None = None,
-    poll_interval: float = 0.25,
+    poll_interval: float = 0.1,
 ) -> dict[str, Any]:
     """Run one batch of ``rows`` in this process; return its figures (called in a fresh process)."""
     os.environ.setdefault("AIRFLOW_HOME", str(workdir / "airflow_home"))
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--base-url", help="with --one: a running emulator's base URL")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="with --one: where files go")
     parser.add_argument(
-        "--poll-interval", type=float, default=0.25, help="with --one: the batch's poll interval"
+        "--poll-interval", type=float, default=0.1, help="with --one: the batch's poll interval"
     )
     args = parser.parse_args()
     if args.one:
