@@ -10,7 +10,7 @@ prints the CPU of that process per image, its peak RSS and its wall time:
 
 Each size runs in its own process (peak RSS is per process); the emulator's CPU is not counted. The
 settings are the scale scenarios': renders 1 ± 0.2 s of stock images, window 200, first poll at 1 s then
-every 0.25 s, ``linger`` 5 s, refill on the worker (``check_pixel_size`` off). ``--one N --base-url URL
+every 0.1 s, ``linger`` 5 s, refill on the worker (``check_pixel_size`` off). ``--one N --base-url URL
 --profile FILE`` runs one batch here against a running emulator and writes a cProfile of it.
 """
 
@@ -59,7 +59,12 @@ def start_emulator(
 
 
 def run_one(
-    rows: int, base_url: str, window: int, workdir: Path, profile: str | None = None
+    rows: int,
+    base_url: str,
+    window: int,
+    workdir: Path,
+    profile: str | None = None,
+    poll_interval: float = 0.1,
 ) -> dict[str, Any]:
     """Run one batch of ``rows`` in this process; return its figures (called in a fresh process)."""
     os.environ.setdefault("AIRFLOW_HOME", str(workdir / "airflow_home"))
@@ -84,7 +89,7 @@ def run_one(
         output_path=str(out),
         max_in_flight=window,
         expected_render=1.0,
-        poll_interval=0.25,
+        poll_interval=poll_interval,
         linger=5.0,
         refill_on_worker=True,
         progress_interval=10.0,
@@ -132,9 +137,14 @@ def main() -> None:
     parser.add_argument("--one", type=int, help="run one batch of this many rows here (--base-url)")
     parser.add_argument("--base-url", help="with --one: a running emulator's base URL")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="with --one: where files go")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.1, help="with --one: the batch's poll interval"
+    )
     args = parser.parse_args()
     if args.one:
-        figures = run_one(args.one, args.base_url, args.window, Path(args.workdir), args.profile)
+        figures = run_one(
+            args.one, args.base_url, args.window, Path(args.workdir), args.profile, args.poll_interval
+        )
         print("RESULT " + json.dumps(figures), flush=True)
         return
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -120,6 +120,15 @@ class TestGrid:
             tracker.record_status("a", "processing", None, now)
         assert tracker.next_due("a") == 7.0
 
+    def test_short_renders_get_rounds_a_tenth_of_a_render_apart(self) -> None:
+        """A round gap is a delay added to the notice of an end: a share of a short render, so it
+        shrinks with the render; long renders keep the default."""
+        assert PollSchedule.for_renders(10.0, 2.0) == PollSchedule(expected_render=10.0, poll_interval=2.0)
+        assert PollSchedule.for_renders(5.0, 1.0).round_gap == 0.25
+        short = PollSchedule.for_renders(1.0, 0.25)
+        assert (short.expected_render, short.poll_interval, short.round_gap) == (1.0, 0.25, 0.1)
+        assert PollSchedule.for_renders(0.0, 0.25).round_gap == 0.05
+
     def test_ids_falling_due_within_the_round_gap_wait_for_the_next_round(self) -> None:
         submits = {"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3}
         tracker = PollTracker(list(submits), PollSchedule(), start=0.0, submitted_at=submits)

@@ -79,7 +79,7 @@ class BatchSettings:
     @property
     def schedule(self) -> PollSchedule:
         """Return the poll schedule of this batch (the trigger's and the worker's)."""
-        return PollSchedule(expected_render=self.expected_render, poll_interval=self.poll_interval)
+        return PollSchedule.for_renders(self.expected_render, self.poll_interval)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

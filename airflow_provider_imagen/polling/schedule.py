@@ -81,6 +81,17 @@ class PollSchedule:
     #: docs/benchmarks.md, scenario 3) for at most 0.25 s earlier notice.
     round_gap: float = 0.25
 
+    @classmethod
+    def for_renders(cls, expected_render: float, poll_interval: float) -> PollSchedule:
+        """Return a schedule whose rounds are at most a tenth of the render time apart (0.25 s at most).
+
+        An id falling due waits half a round gap on average: 0.125 s is 1 % of a 10 s render but 12 % of
+        a 1 s one, where a window refilled as its tasks are seen ended loses that share of its pace.
+        Short renders get rounds as frequent as their length asks (0.05 s at least).
+        """
+        gap = min(cls.round_gap, max(0.05, expected_render / 10))
+        return cls(expected_render=expected_render, poll_interval=poll_interval, round_gap=gap)
+
     def __post_init__(self) -> None:
         for name in ("expected_render", "poll_interval", "backoff", "max_poll_interval", "round_gap"):
             object.__setattr__(self, name, check_number(name, getattr(self, name)))
