@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,23 @@ def client(emulator: Any) -> Iterator[ImagenClient]:
         yield c
 
 
-def run_try(client: ImagenClient, journal: Journal, specs: list[ImageSpec], images: Path) -> Finish:
-    """One try of the task, passes and waits on this thread, as the operator runs them undeferred."""
+def run_try(
+    client: ImagenClient,
+    journal: Journal,
+    specs: list[ImageSpec],
+    images: Path,
+    *,
+    settings: BatchSettings | None = None,
+    clock: RunClock | None = None,
+    after_pass: Callable[[RunClock], None] | None = None,
+) -> Finish:
+    """One try of the task, passes and waits on this thread, as the operator runs them undeferred.
+
+    ``after_pass`` sees the try's clock after every pass (its window, say).
+    """
     now = time.time()
-    clock = RunClock(started_at=now, deadline=now + 60)
-    settings = BatchSettings(expected_render=0.2, poll_interval=0.1, linger=0)
+    clock = clock or RunClock(started_at=now, deadline=now + 60)
+    settings = settings or BatchSettings(expected_render=0.2, poll_interval=0.1, linger=0)
     outcome = None
     while True:
         step = BatchPass(
@@ -42,6 +54,8 @@ def run_try(client: ImagenClient, journal: Journal, specs: list[ImageSpec], imag
             settings=settings,
             clock=clock,
         ).run(outcome)
+        if after_pass is not None:
+            after_pass(clock)
         if isinstance(step, Finish):
             return step
         outcome = poll_tasks(
@@ -177,29 +191,16 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
             max_in_flight=ceiling, expected_render=0.3, poll_interval=0.1, linger=5.0, refill_on_worker=True
         )
         smallest[n] = ceiling
+
+        def note_window(clock: RunClock) -> None:
+            smallest[n] = min(smallest[n], clock.current_window(ceiling))
+
         try:
             with ImagenClient(settings) as client:
-                outcome = None
-                while True:
-                    step = BatchPass(
-                        client=client,
-                        journal=journal,
-                        specs=specs,
-                        images_root=str(tmp_path / f"images{n}"),
-                        settings=knobs,
-                        clock=clock,
-                    ).run(outcome)
-                    smallest[n] = min(smallest[n], clock.current_window(ceiling))
-                    if isinstance(step, Finish):
-                        finishes[n] = step
-                        return
-                    outcome = poll_tasks(
-                        client,
-                        step.task_ids,
-                        deadline=clock.deadline,
-                        schedule=knobs.schedule,
-                        fire_when_done=1,
-                    )
+                images = tmp_path / f"images{n}"
+                finishes[n] = run_try(
+                    client, journal, specs, images, settings=knobs, clock=clock, after_pass=note_window
+                )
         except BaseException as exc:
             errors.append(exc)
 
