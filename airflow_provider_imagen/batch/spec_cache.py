@@ -94,6 +94,30 @@ class SpecTable(Sequence[ImageSpec]):
     def __len__(self) -> int:
         return int(self._table.num_rows)
 
+    def key_at(self, index: int) -> str:
+        """Return the key of spec ``index`` (read from its column: nothing is kept)."""
+        spec = self._built.get(index)
+        return spec.key if spec is not None else str(self._table.column("key")[index].as_py())
+
+    def digest_at(self, index: int) -> str | None:
+        """Return the request digest of spec ``index`` (``None`` for an invalid spec)."""
+        spec = self._built.get(index)
+        if spec is not None:
+            return spec.digest
+        digest: str | None = self._table.column("digest")[index].as_py()
+        return digest
+
+    def column_slices(self, size: int) -> Iterator[tuple[int, list[str], list[str | None], list[bool]]]:
+        """Yield ``(start, keys, digests, validity)`` of ``size`` specs at a time, in order.
+
+        For a pass over every row (the window index) that keeps none of them: a slice's strings are
+        dropped before the next is read.
+        """
+        for start in range(0, len(self), size):
+            part = self._table.slice(start, size)
+            valid = [reason is None for reason in part.column("invalid_reason").to_pylist()]
+            yield start, part.column("key").to_pylist(), part.column("digest").to_pylist(), valid
+
     @property
     def keys(self) -> list[str]:
         """Return every spec's key, in order."""
@@ -173,6 +197,18 @@ def _spec(row: dict[str, Any]) -> ImageSpec:
         request=request,
         invalid_reason=reason,
     )
+
+
+def spec_slices(
+    specs: Sequence[ImageSpec], size: int
+) -> Iterator[tuple[int, list[str], list[str | None], list[bool]]]:
+    """Yield ``(start, keys, digests, validity)`` of ``size`` specs at a time (from the cache's columns)."""
+    if isinstance(specs, SpecTable):
+        yield from specs.column_slices(size)
+        return
+    for start in range(0, len(specs), size):
+        part = specs[start : start + size]
+        yield start, [s.key for s in part], [s.digest for s in part], [s.valid for s in part]
 
 
 def spec_columns(specs: Sequence[ImageSpec]) -> tuple[list[str], list[str | None], list[bool]]:
