@@ -61,6 +61,8 @@ from airflow_provider_imagen.batch.storage import (
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from airflow_provider_imagen.batch.keyindex import KeyIndex
+
 log = logging.getLogger(__name__)
 
 RecordKind = Literal[
@@ -101,6 +103,8 @@ _META_VERSION: Final = b"imagen_journal_state_version"
 STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
+#: The row part of a packed (level, row) location.
+_ROW_MASK: Final = (1 << 32) - 1
 #: Rows per slice when levels merge (see :func:`_latest_parts`), and per record batch of a snapshot.
 _MERGE_SLICE: Final = 4096
 
@@ -372,9 +376,14 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
     def __init__(self) -> None:
         self._live: dict[str, JournalEntry] = {}
-        #: Key → (level, row) in the state snapshots; later levels override earlier ones.
-        self._where: dict[str, tuple[int, int]] = {}
+        #: Key → (level, row) in the state snapshots, packed as ``level << 32 | row``; a key's newest
+        #: row comes first (see :class:`KeyIndex`: 16 bytes a row, the keys stay in the levels' columns).
+        self._where: KeyIndex | None = None
+        #: Keys deleted from the snapshots' rows (rare: a caller dropping an entry).
+        self._deleted: set[str] = set()
         self._levels: list[pa.Table] = []
+        #: Each level's key column, kept to confirm the index's matches.
+        self._keys: list[pa.ChunkedArray] = []
         #: Columns of each level read into lists, each on first use (a stream's levels need none).
         self._columns: list[dict[str, list[Any]]] = []
         #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
@@ -382,13 +391,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
     def add_level(self, table: pa.Table) -> None:
         """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
-        level = len(self._levels)
-        self._levels.append(table)
-        self._columns.append({})
-        keys = table.column("key").to_pylist()
-        self._where.update((key, (level, row)) for row, key in enumerate(keys))
-        for key in keys:
-            self._live.pop(key, None)
+        self._lay(table, forget_settled_only=False)
 
     def replace_levels(self, merged: int, table: pa.Table) -> None:
         """Put ``table`` in place of the newest ``merged`` levels it was merged from, then lay it over.
@@ -398,15 +401,72 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """
         if merged:
             del self._levels[-merged:]
+            del self._keys[-merged:]
             del self._columns[-merged:]
+        self._lay(table, forget_settled_only=True)
+
+    def _lay(self, table: pa.Table, *, forget_settled_only: bool) -> None:
+        """Append ``table`` as the newest level and index its keys, a slice of them at a time."""
+        import numpy as np
+
+        from airflow_provider_imagen.batch.keyindex import SLICE, KeyIndex, key_hashes
+
         level = len(self._levels)
         self._levels.append(table)
+        self._keys.append(table.column("key"))
         self._columns.append({})
-        keys = table.column("key").to_pylist()
-        self._where.update((key, (level, row)) for row, key in enumerate(keys))
-        for key, settled in zip(keys, table.column("settled").to_pylist(), strict=True):
-            if settled is not None:
+        hashes = []
+        for start in range(0, table.num_rows, SLICE):
+            part = table.slice(start, SLICE)
+            keys = part.column("key").to_pylist()
+            hashes.append(key_hashes(keys, len(keys)))
+            forget = (
+                [k for k, v in zip(keys, part.column("settled").to_pylist(), strict=True) if v is not None]
+                if forget_settled_only
+                else keys
+            )
+            for key in forget:
                 self._live.pop(key, None)
+            if self._deleted:
+                self._deleted.difference_update(keys)
+        new = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64)
+        values = np.arange(table.num_rows, dtype=np.int64) | (level << 32)
+        if self._where is None:
+            self._where = KeyIndex(new, values, self._key_at)
+        else:
+            old = self._where
+            self._where = old.laid_over(new, values, (old.values >> 32) < level)
+
+    def _key_at(self, packed: int) -> str:
+        return str(self._keys[packed >> 32][packed & _ROW_MASK].as_py())
+
+    def _locate(self, key: str) -> tuple[int, int] | None:
+        """Return (level, row) of ``key``'s newest row in the snapshots, or ``None``."""
+        if self._where is None or key in self._deleted:
+            return None
+        packed = self._where.get(key)
+        return None if packed is None else (packed >> 32, packed & _ROW_MASK)
+
+    def _located(self) -> Iterator[tuple[str, int, int]]:
+        """Yield (key, level, row) of every key the snapshots hold (its newest row), level by level."""
+        import numpy as np
+        import pyarrow as pa
+
+        from airflow_provider_imagen.batch.keyindex import SLICE
+
+        index = self._where
+        if index is None:
+            return
+        packed = index.values[index.first_values()]
+        levels, rows = packed >> 32, packed & _ROW_MASK
+        for level, column in enumerate(self._keys):
+            chosen = np.sort(rows[levels == level])
+            for start in range(0, len(chosen), SLICE):
+                part = chosen[start : start + SLICE]
+                keys = column.take(pa.array(part)).to_pylist()
+                for key, row in zip(keys, part.tolist(), strict=True):
+                    if key not in self._deleted:
+                        yield key, level, row
 
     def _column(self, level: int, name: str) -> list[Any]:
         columns = self._columns[level]
@@ -423,7 +483,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         entry = self._live.get(key)
         if entry is not None:
             return entry
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             return None
         return JournalEntry.from_state(key, self._levels[where[0]].column("entry")[where[1]].as_py())
@@ -442,7 +502,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
             else self._levels[level].column("settled").is_null().to_pylist()
             for level in range(len(self._levels))
         ]
-        for key, (level, row) in list(self._where.items()):
+        for key, level, row in list(self._located()):
             if key not in self._live and unsettled[level][row]:
                 yield key, self[key]
 
@@ -454,7 +514,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """
         if key in self._live:
             return None
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             return None
         level, row = where
@@ -467,7 +527,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
     def charged_total(self) -> int:
         """Return the charged submits of every entry, reading only those already read."""
         total = sum(e.charged_submits for e in self._live.values())
-        for key, (level, row) in self._where.items():
+        for key, level, row in self._located():
             if key not in self._live:
                 total += int(self._column(level, "charged")[row])
         return total
@@ -477,7 +537,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         for entry in list(self._live.values()):
             if any(at >= since for at in entry.attempted_at.values()):
                 yield entry
-        for key, (level, row) in list(self._where.items()):
+        for key, level, row in list(self._located()):
             if key in self._live:
                 continue
             at = self._levels[level].column("attempted_max")[row].as_py()
@@ -488,7 +548,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         entry = self._live.get(key)
         if entry is not None:
             return entry
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             raise KeyError(key)
         state = self._levels[where[0]].column("entry")[where[1]].as_py()
@@ -501,18 +561,21 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
     def __delitem__(self, key: str) -> None:
         found = self._live.pop(key, None) is not None
-        if self._where.pop(key, None) is None and not found:
+        stored = self._locate(key) is not None
+        if stored:
+            self._deleted.add(key)
+        if not stored and not found:
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._live or key in self._where
+        return key in self._live or (isinstance(key, str) and self._locate(key) is not None)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._live
-        yield from (key for key in list(self._where) if key not in self._live)
+        yield from (key for key, _, _ in list(self._located()) if key not in self._live)
 
     def __len__(self) -> int:
-        return len(self._live) + sum(1 for key in self._where if key not in self._live)
+        return len(self._live) + sum(1 for key, _, _ in self._located() if key not in self._live)
 
     def state_table(self, keys: Iterable[str]) -> pa.Table:
         """Return a state snapshot of ``keys`` (each read, so it holds every record folded into it)."""

@@ -45,6 +45,22 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def laid_over(self, hashes: np.ndarray, values: np.ndarray, keep: np.ndarray) -> KeyIndex:
+        """Return this index with only its entries in ``keep`` (a mask), the new entries in front of them.
+
+        A new entry comes before an older one of the same hash, so it wins a lookup of its key. The
+        entries here are sorted already: merging the new ones in costs a copy, not a sort.
+        """
+        order = np.argsort(hashes, kind="stable")
+        hashes, values = hashes[order], values[order]
+        kept_hashes, kept_values = self.hashes[keep], self.values[keep]
+        at = kept_hashes.searchsorted(hashes, side="left")
+        merged = KeyIndex.__new__(KeyIndex)
+        merged.hashes = np.insert(kept_hashes, at, hashes)
+        merged.values = np.insert(kept_values, at, values)
+        merged._key_of = self._key_of
+        return merged
+
     def get(self, key: str) -> int | None:
         """Return the value of ``key``, or ``None`` when it is not indexed."""
         h = hash(key)
