@@ -30,7 +30,6 @@ Invariants:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import functools
@@ -1059,33 +1058,37 @@ def _latest_parts(tables: list[pa.Table], files: list[str | None] | None = None)
     mapped from a local file (``files``, one name or ``None`` per table) has its rows read from the
     file a batch at a time (see :func:`_batches_of`).
     """
+    import numpy as np
     import pyarrow as pa
 
-    seen: set[str] = set()
-    keep: list[list[int]] = []
-    for table in reversed(tables):  # newest first: a key's first row met is its latest
-        rows = []
-        keys = table.column("key").to_pylist()
-        for row in range(len(keys) - 1, -1, -1):
-            key = keys[row]
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-        rows.reverse()
-        keep.append(rows)
-    del seen
-    keep.reverse()
+    # Which rows are their key's latest, found in Arrow (the keys dictionary-encoded, one small integer
+    # a row) rather than in a set of every key as Python strings.
+    chunks = [chunk for table in tables for chunk in table.column("key").chunks]
+    codes = pa.chunked_array(chunks, type=pa.string()).combine_chunks().dictionary_encode().indices.to_numpy()
+    del chunks
+    total = len(codes)
+    latest = np.zeros(total, dtype=bool)
+    if total:
+        _, first_from_end = np.unique(codes[::-1], return_index=True)
+        latest[total - 1 - first_from_end] = True
+    del codes
+    keep: list[np.ndarray] = []
+    start = 0
+    for table in tables:
+        keep.append(np.flatnonzero(latest[start : start + table.num_rows]))
+        start += table.num_rows
+    del latest
     schema = state_schema()
     for table, name, rows in zip(tables, files or [None] * len(tables), keep, strict=True):
-        if not rows:
+        if not len(rows):
             continue
         # Batch by batch: ``take`` on a table of several batches first copies each column whole.
         offset, at = 0, 0
         for batch in _batches_of(table, name):
             end = offset + batch.num_rows
-            stop = bisect.bisect_left(rows, end, at)
+            stop = int(rows.searchsorted(end, side="left"))
             if stop > at:
-                local = pa.array([row - offset for row in rows[at:stop]], type=pa.int64())
+                local = pa.array(rows[at:stop] - offset, type=pa.int64())
                 part = pa.Table.from_batches([batch.take(local)])
                 yield part.select(schema.names).cast(schema).replace_schema_metadata(None)
             offset, at = end, stop
