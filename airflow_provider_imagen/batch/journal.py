@@ -51,8 +51,10 @@ from airflow_provider_imagen.batch.fence import FencedError, Lease
 from airflow_provider_imagen.batch.storage import (
     as_path,
     local_file,
+    map_arrow_file,
     path_part,
     read_bytes,
+    release_pages,
     write_whole,
     write_whole_from,
 )
@@ -102,6 +104,8 @@ _META_VERSION: Final = b"imagen_journal_state_version"
 STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
+#: Entries :meth:`JournalEntries.peek` reads between two releases of the levels' mapped pages.
+_RELEASE_EVERY: Final = 2048
 #: The row part of a packed (level, row) location.
 _ROW_MASK: Final = (1 << 32) - 1
 #: Rows per slice when levels merge (see :func:`_latest_parts`), and per record batch of a snapshot.
@@ -387,6 +391,8 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         self._columns: list[dict[str, list[Any]]] = []
         #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
         self.materialized = 0
+        #: Entries :meth:`peek` read from the snapshots.
+        self._peeked = 0
 
     def add_level(self, table: pa.Table) -> None:
         """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
@@ -428,6 +434,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
                 self._live.pop(key, None)
             if self._deleted:
                 self._deleted.difference_update(keys)
+        release_pages(table)  # the key and settled columns were read whole: give their pages back
         new = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64)
         values = np.arange(table.num_rows, dtype=np.int64) | (level << 32)
         if self._where is None:
@@ -485,6 +492,11 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         where = self._locate(key)
         if where is None:
             return None
+        self._peeked += 1
+        if self._peeked % _RELEASE_EVERY == 0:
+            # One look at every key reads every level's entries: pages read give way as it goes.
+            for level in self._levels:
+                release_pages(level)
         return JournalEntry.from_state(key, self._levels[where[0]].column("entry")[where[1]].as_py())
 
     def unsettled_items(self) -> Iterator[tuple[str, JournalEntry]]:
@@ -757,15 +769,18 @@ class Journal:
         if not path.name.endswith(_STATE_SUFFIX):
             return self._read(path)
         name = local_file(path)
+        if name is None:
+            try:
+                source = pa.BufferReader(read_bytes(path))
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
         try:
             # Mapped on local disk: a level's entries cost memory only once read (see _written_level).
-            source = pa.memory_map(name) if name is not None else pa.BufferReader(read_bytes(path))
+            table = map_arrow_file(name) if name is not None else pa.ipc.open_file(source).read_all()
         except FileNotFoundError:
             raise
-        except Exception as exc:
-            raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
-        try:
-            table = pa.ipc.open_file(source).read_all()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise JournalReadError(f"journal snapshot {path} is not a readable Arrow file: {exc}") from exc
         if not set(state_schema().names) <= set(table.schema.names):
@@ -938,7 +953,7 @@ class Journal:
         name = local_file(dest)
         if name is not None:
             try:
-                return pa.ipc.open_file(pa.memory_map(name)).read_all()
+                return map_arrow_file(name)
             except FileNotFoundError:
                 # Another reader compacted it away already: the rows are the same, built from memory.
                 parts = list(_latest_parts(sources))
