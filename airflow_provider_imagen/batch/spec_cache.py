@@ -106,10 +106,10 @@ class SpecTable(Sequence[ImageSpec]):
         return spec.key if spec is not None else str(self._table.column("key")[index].as_py())
 
     def digest_at(self, index: int) -> str | None:
-        """Return the request digest of spec ``index`` (``None`` for an invalid spec)."""
-        spec = self._built.get(index)
-        if spec is not None:
-            return spec.digest
+        """Return the request digest of spec ``index`` (``None`` for an invalid spec).
+
+        Read from the column even for a spec built already: a spec computes its digest on each ask.
+        """
         digest: str | None = self._table.column("digest")[index].as_py()
         return digest
 
