@@ -30,7 +30,6 @@ Invariants:
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import functools
@@ -52,14 +51,18 @@ from airflow_provider_imagen.batch.fence import FencedError, Lease
 from airflow_provider_imagen.batch.storage import (
     as_path,
     local_file,
+    map_arrow_file,
     path_part,
     read_bytes,
+    release_pages,
     write_whole,
     write_whole_from,
 )
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from airflow_provider_imagen.batch.keyindex import KeyIndex
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,10 @@ _META_VERSION: Final = b"imagen_journal_state_version"
 STATE_VERSION: Final = 1
 #: Live state snapshots, at most, after a compaction (see :func:`_levels_to_merge`).
 MAX_LEVELS: Final = 12
+#: Entries :meth:`JournalEntries.peek` reads between two releases of the levels' mapped pages.
+_RELEASE_EVERY: Final = 2048
+#: The row part of a packed (level, row) location.
+_ROW_MASK: Final = (1 << 32) - 1
 #: Rows per slice when levels merge (see :func:`_latest_parts`), and per record batch of a snapshot.
 _MERGE_SLICE: Final = 4096
 
@@ -372,23 +379,24 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
     def __init__(self) -> None:
         self._live: dict[str, JournalEntry] = {}
-        #: Key → (level, row) in the state snapshots; later levels override earlier ones.
-        self._where: dict[str, tuple[int, int]] = {}
+        #: Key → (level, row) in the state snapshots, packed as ``level << 32 | row``; a key's newest
+        #: row comes first (see :class:`KeyIndex`: 16 bytes a row, the keys stay in the levels' columns).
+        self._where: KeyIndex | None = None
+        #: Keys deleted from the snapshots' rows (rare: a caller dropping an entry).
+        self._deleted: set[str] = set()
         self._levels: list[pa.Table] = []
+        #: Each level's key column, kept to confirm the index's matches.
+        self._keys: list[pa.ChunkedArray] = []
         #: Columns of each level read into lists, each on first use (a stream's levels need none).
         self._columns: list[dict[str, list[Any]]] = []
         #: Entries built from the snapshots so far (tests count them: a resume builds O(window)).
         self.materialized = 0
+        #: Entries :meth:`peek` read from the snapshots.
+        self._peeked = 0
 
     def add_level(self, table: pa.Table) -> None:
         """Lay a state snapshot over the earlier ones: its rows replace theirs, key by key."""
-        level = len(self._levels)
-        self._levels.append(table)
-        self._columns.append({})
-        keys = table.column("key").to_pylist()
-        self._where.update((key, (level, row)) for row, key in enumerate(keys))
-        for key in keys:
-            self._live.pop(key, None)
+        self._lay(table, forget_settled_only=False)
 
     def replace_levels(self, merged: int, table: pa.Table) -> None:
         """Put ``table`` in place of the newest ``merged`` levels it was merged from, then lay it over.
@@ -398,15 +406,73 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """
         if merged:
             del self._levels[-merged:]
+            del self._keys[-merged:]
             del self._columns[-merged:]
+        self._lay(table, forget_settled_only=True)
+
+    def _lay(self, table: pa.Table, *, forget_settled_only: bool) -> None:
+        """Append ``table`` as the newest level and index its keys, a slice of them at a time."""
+        import numpy as np
+
+        from airflow_provider_imagen.batch.keyindex import SLICE, KeyIndex, key_hashes
+
         level = len(self._levels)
         self._levels.append(table)
+        self._keys.append(table.column("key"))
         self._columns.append({})
-        keys = table.column("key").to_pylist()
-        self._where.update((key, (level, row)) for row, key in enumerate(keys))
-        for key, settled in zip(keys, table.column("settled").to_pylist(), strict=True):
-            if settled is not None:
+        hashes = []
+        for start in range(0, table.num_rows, SLICE):
+            part = table.slice(start, SLICE)
+            keys = part.column("key").to_pylist()
+            hashes.append(key_hashes(keys, len(keys)))
+            forget = (
+                [k for k, v in zip(keys, part.column("settled").to_pylist(), strict=True) if v is not None]
+                if forget_settled_only
+                else keys
+            )
+            for key in forget:
                 self._live.pop(key, None)
+            if self._deleted:
+                self._deleted.difference_update(keys)
+        release_pages(table)  # the key and settled columns were read whole: give their pages back
+        new = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64)
+        values = np.arange(table.num_rows, dtype=np.int64) | (level << 32)
+        if self._where is None:
+            self._where = KeyIndex(new, values, self._key_at)
+        else:
+            old = self._where
+            self._where = old.laid_over(new, values, (old.values >> 32) < level)
+
+    def _key_at(self, packed: int) -> str:
+        return str(self._keys[packed >> 32][packed & _ROW_MASK].as_py())
+
+    def _locate(self, key: str) -> tuple[int, int] | None:
+        """Return (level, row) of ``key``'s newest row in the snapshots, or ``None``."""
+        if self._where is None or key in self._deleted:
+            return None
+        packed = self._where.get(key)
+        return None if packed is None else (packed >> 32, packed & _ROW_MASK)
+
+    def _located(self) -> Iterator[tuple[str, int, int]]:
+        """Yield (key, level, row) of every key the snapshots hold (its newest row), level by level."""
+        import numpy as np
+        import pyarrow as pa
+
+        from airflow_provider_imagen.batch.keyindex import SLICE
+
+        index = self._where
+        if index is None:
+            return
+        packed = index.values[index.first_values()]
+        levels, rows = packed >> 32, packed & _ROW_MASK
+        for level, column in enumerate(self._keys):
+            chosen = np.sort(rows[levels == level])
+            for start in range(0, len(chosen), SLICE):
+                part = chosen[start : start + SLICE]
+                keys = column.take(pa.array(part)).to_pylist()
+                for key, row in zip(keys, part.tolist(), strict=True):
+                    if key not in self._deleted:
+                        yield key, level, row
 
     def _column(self, level: int, name: str) -> list[Any]:
         columns = self._columns[level]
@@ -423,9 +489,14 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         entry = self._live.get(key)
         if entry is not None:
             return entry
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             return None
+        self._peeked += 1
+        if self._peeked % _RELEASE_EVERY == 0:
+            # One look at every key reads every level's entries: pages read give way as it goes.
+            for level in self._levels:
+                release_pages(level)
         return JournalEntry.from_state(key, self._levels[where[0]].column("entry")[where[1]].as_py())
 
     def unsettled_items(self) -> Iterator[tuple[str, JournalEntry]]:
@@ -442,7 +513,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
             else self._levels[level].column("settled").is_null().to_pylist()
             for level in range(len(self._levels))
         ]
-        for key, (level, row) in list(self._where.items()):
+        for key, level, row in list(self._located()):
             if key not in self._live and unsettled[level][row]:
                 yield key, self[key]
 
@@ -454,7 +525,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         """
         if key in self._live:
             return None
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             return None
         level, row = where
@@ -467,7 +538,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
     def charged_total(self) -> int:
         """Return the charged submits of every entry, reading only those already read."""
         total = sum(e.charged_submits for e in self._live.values())
-        for key, (level, row) in self._where.items():
+        for key, level, row in self._located():
             if key not in self._live:
                 total += int(self._column(level, "charged")[row])
         return total
@@ -477,7 +548,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         for entry in list(self._live.values()):
             if any(at >= since for at in entry.attempted_at.values()):
                 yield entry
-        for key, (level, row) in list(self._where.items()):
+        for key, level, row in list(self._located()):
             if key in self._live:
                 continue
             at = self._levels[level].column("attempted_max")[row].as_py()
@@ -488,7 +559,7 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
         entry = self._live.get(key)
         if entry is not None:
             return entry
-        where = self._where.get(key)
+        where = self._locate(key)
         if where is None:
             raise KeyError(key)
         state = self._levels[where[0]].column("entry")[where[1]].as_py()
@@ -501,18 +572,21 @@ class JournalEntries(MutableMapping[str, JournalEntry]):
 
     def __delitem__(self, key: str) -> None:
         found = self._live.pop(key, None) is not None
-        if self._where.pop(key, None) is None and not found:
+        stored = self._locate(key) is not None
+        if stored:
+            self._deleted.add(key)
+        if not stored and not found:
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._live or key in self._where
+        return key in self._live or (isinstance(key, str) and self._locate(key) is not None)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._live
-        yield from (key for key in list(self._where) if key not in self._live)
+        yield from (key for key, _, _ in list(self._located()) if key not in self._live)
 
     def __len__(self) -> int:
-        return len(self._live) + sum(1 for key in self._where if key not in self._live)
+        return len(self._live) + sum(1 for key, _, _ in self._located() if key not in self._live)
 
     def state_table(self, keys: Iterable[str]) -> pa.Table:
         """Return a state snapshot of ``keys`` (each read, so it holds every record folded into it)."""
@@ -695,15 +769,18 @@ class Journal:
         if not path.name.endswith(_STATE_SUFFIX):
             return self._read(path)
         name = local_file(path)
+        if name is None:
+            try:
+                source = pa.BufferReader(read_bytes(path))
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
         try:
             # Mapped on local disk: a level's entries cost memory only once read (see _written_level).
-            source = pa.memory_map(name) if name is not None else pa.BufferReader(read_bytes(path))
+            table = map_arrow_file(name) if name is not None else pa.ipc.open_file(source).read_all()
         except FileNotFoundError:
             raise
-        except Exception as exc:
-            raise JournalReadError(f"cannot read journal snapshot {path}: {exc}") from exc
-        try:
-            table = pa.ipc.open_file(source).read_all()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise JournalReadError(f"journal snapshot {path} is not a readable Arrow file: {exc}") from exc
         if not set(state_schema().names) <= set(table.schema.names):
@@ -876,7 +953,7 @@ class Journal:
         name = local_file(dest)
         if name is not None:
             try:
-                return pa.ipc.open_file(pa.memory_map(name)).read_all()
+                return map_arrow_file(name)
             except FileNotFoundError:
                 # Another reader compacted it away already: the rows are the same, built from memory.
                 parts = list(_latest_parts(sources))
@@ -996,33 +1073,37 @@ def _latest_parts(tables: list[pa.Table], files: list[str | None] | None = None)
     mapped from a local file (``files``, one name or ``None`` per table) has its rows read from the
     file a batch at a time (see :func:`_batches_of`).
     """
+    import numpy as np
     import pyarrow as pa
 
-    seen: set[str] = set()
-    keep: list[list[int]] = []
-    for table in reversed(tables):  # newest first: a key's first row met is its latest
-        rows = []
-        keys = table.column("key").to_pylist()
-        for row in range(len(keys) - 1, -1, -1):
-            key = keys[row]
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-        rows.reverse()
-        keep.append(rows)
-    del seen
-    keep.reverse()
+    # Which rows are their key's latest, found in Arrow (the keys dictionary-encoded, one small integer
+    # a row) rather than in a set of every key as Python strings.
+    chunks = [chunk for table in tables for chunk in table.column("key").chunks]
+    codes = pa.chunked_array(chunks, type=pa.string()).combine_chunks().dictionary_encode().indices.to_numpy()
+    del chunks
+    total = len(codes)
+    latest = np.zeros(total, dtype=bool)
+    if total:
+        _, first_from_end = np.unique(codes[::-1], return_index=True)
+        latest[total - 1 - first_from_end] = True
+    del codes
+    keep: list[np.ndarray] = []
+    start = 0
+    for table in tables:
+        keep.append(np.flatnonzero(latest[start : start + table.num_rows]))
+        start += table.num_rows
+    del latest
     schema = state_schema()
     for table, name, rows in zip(tables, files or [None] * len(tables), keep, strict=True):
-        if not rows:
+        if not len(rows):
             continue
         # Batch by batch: ``take`` on a table of several batches first copies each column whole.
         offset, at = 0, 0
         for batch in _batches_of(table, name):
             end = offset + batch.num_rows
-            stop = bisect.bisect_left(rows, end, at)
+            stop = int(rows.searchsorted(end, side="left"))
             if stop > at:
-                local = pa.array([row - offset for row in rows[at:stop]], type=pa.int64())
+                local = pa.array(rows[at:stop] - offset, type=pa.int64())
                 part = pa.Table.from_batches([batch.take(local)])
                 yield part.select(schema.names).cast(schema).replace_schema_metadata(None)
             offset, at = end, stop

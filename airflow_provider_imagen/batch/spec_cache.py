@@ -37,7 +37,13 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_imagen import __version__
 from airflow_provider_imagen.api.models import DEFAULT_SIZE, ImageRequest
 from airflow_provider_imagen.batch.specs import ImageSpec, expand_specs
-from airflow_provider_imagen.batch.storage import local_file, read_bytes, write_whole_from
+from airflow_provider_imagen.batch.storage import (
+    local_file,
+    map_arrow_file,
+    read_bytes,
+    release_pages,
+    write_whole_from,
+)
 from airflow_provider_imagen.batch.table import ID_COLUMN, PROMPT_COLUMN, SIZE_COLUMN, Table
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,31 @@ class SpecTable(Sequence[ImageSpec]):
 
     def __len__(self) -> int:
         return int(self._table.num_rows)
+
+    def key_at(self, index: int) -> str:
+        """Return the key of spec ``index`` (read from its column: nothing is kept)."""
+        spec = self._built.get(index)
+        return spec.key if spec is not None else str(self._table.column("key")[index].as_py())
+
+    def digest_at(self, index: int) -> str | None:
+        """Return the request digest of spec ``index`` (``None`` for an invalid spec).
+
+        Read from the column even for a spec built already: a spec computes its digest on each ask.
+        """
+        digest: str | None = self._table.column("digest")[index].as_py()
+        return digest
+
+    def column_slices(self, size: int) -> Iterator[tuple[int, list[str], list[str | None], list[bool]]]:
+        """Yield ``(start, keys, digests, validity)`` of ``size`` specs at a time, in order.
+
+        For a pass over every row (the window index) that keeps none of them: a slice's strings are
+        dropped before the next is read.
+        """
+        for start in range(0, len(self), size):
+            part = self._table.slice(start, size)
+            valid = [reason is None for reason in part.column("invalid_reason").to_pylist()]
+            yield start, part.column("key").to_pylist(), part.column("digest").to_pylist(), valid
+            release_pages(self._table)  # what a pass over every row read is not kept resident
 
     @property
     def keys(self) -> list[str]:
@@ -153,6 +184,7 @@ class SpecTable(Sequence[ImageSpec]):
         for start in range(0, len(self), _ITER_SLICE):
             part = self._table.slice(start, _ITER_SLICE)
             columns = [part.column(name).to_pylist() for name in SPEC_SCHEMA.names]
+            release_pages(self._table)
             for offset, values in enumerate(zip(*columns, strict=True)):
                 spec = self._built.get(start + offset)
                 if spec is None:
@@ -173,6 +205,18 @@ def _spec(row: dict[str, Any]) -> ImageSpec:
         request=request,
         invalid_reason=reason,
     )
+
+
+def spec_slices(
+    specs: Sequence[ImageSpec], size: int
+) -> Iterator[tuple[int, list[str], list[str | None], list[bool]]]:
+    """Yield ``(start, keys, digests, validity)`` of ``size`` specs at a time (from the cache's columns)."""
+    if isinstance(specs, SpecTable):
+        yield from specs.column_slices(size)
+        return
+    for start in range(0, len(specs), size):
+        part = specs[start : start + size]
+        yield start, [s.key for s in part], [s.digest for s in part], [s.valid for s in part]
 
 
 def spec_columns(specs: Sequence[ImageSpec]) -> tuple[list[str], list[str | None], list[bool]]:
@@ -230,8 +274,10 @@ def read_cache(folder: ObjectStoragePath, key: str) -> SpecTable | None:
     path = folder / f"{key}{_SUFFIX}"
     try:
         name = local_file(path)
-        source = pa.memory_map(name) if name is not None else pa.BufferReader(read_bytes(path))
-        table = pa.ipc.open_file(source).read_all()
+        if name is not None:
+            table = map_arrow_file(name)
+        else:
+            table = pa.ipc.open_file(pa.BufferReader(read_bytes(path))).read_all()
     except FileNotFoundError:
         return None
     except Exception as exc:  # a partial or foreign file only costs an expansion

@@ -16,13 +16,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import mmap
 import os
 import random
+import weakref
 from collections.abc import Callable
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: Protocols that are a plain local file system.
 LOCAL_PROTOCOLS: Final = frozenset({"", "file", "local"})
@@ -65,6 +70,41 @@ def read_bytes(path: ObjectStoragePath) -> bytes:
         return path.read_bytes()
     with open(name, "rb") as handle:
         return handle.read()
+
+
+#: The file mapping under each table :func:`map_arrow_file` returned, by the table's id.
+_MAPPINGS: dict[int, mmap.mmap] = {}
+
+
+def map_arrow_file(name: str) -> pa.Table:
+    """Return the Arrow IPC file ``name`` as a table whose rows stay in the file until read.
+
+    Why a mapping of our own rather than ``pyarrow.memory_map``: a page read through a mapping stays
+    resident (and counted in the process's memory) until the mapping goes, and a table read whole once
+    (a run's end) would keep every page of it; :func:`release_pages` gives them back while the table
+    stays usable.
+    """
+    import pyarrow as pa
+
+    with open(name, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
+    key = id(table)
+    _MAPPINGS[key] = mapped
+    weakref.finalize(table, _MAPPINGS.pop, key, None)
+    return table
+
+
+def release_pages(table: pa.Table) -> None:
+    """Drop the pages of ``table``'s file mapping from this process (they are read again if used).
+
+    A no-op for a table not read by :func:`map_arrow_file` or where the system cannot drop them; the
+    file is only read through the mapping, so nothing is lost.
+    """
+    mapped = _MAPPINGS.get(id(table))
+    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def write_whole(dest: ObjectStoragePath, data: bytes) -> None:

@@ -18,13 +18,16 @@ Invariants:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, cast
 
+import numpy as np
+
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE
 from airflow_provider_imagen.batch.journal import JournalEntries, JournalEntry
-from airflow_provider_imagen.batch.spec_cache import spec_columns
+from airflow_provider_imagen.batch.keyindex import SLICE, KeyIndex, key_hashes
+from airflow_provider_imagen.batch.spec_cache import SpecTable, spec_slices
 from airflow_provider_imagen.polling.outcome import ENDED_STATUSES
 from airflow_provider_imagen.polling.schedule import PollSchedule, next_visible_end
 
@@ -234,10 +237,6 @@ class WindowIndex:
         retry_rejected_before: float | None = None,
     ) -> None:
         self.specs = specs
-        # Specs read from the cache give these as columns: a resume builds no spec it does not use.
-        keys, digests, valid = spec_columns(specs)
-        self._keys, self._digests, self._valid = keys, digests, valid
-        self.position = {key: i for i, key in enumerate(keys)}
         self._rules = _Rules(resubmit_unknown, retry_mirror_after, retry_rejected_before)
         self._category: list[Category] = []
         self._charge: list[int] = []
@@ -259,24 +258,61 @@ class WindowIndex:
         self._paid: list[int] | None = None
         self._paid_total = 0
         self._since = 0.0
+        #: Whether each spec is valid (one byte a row).
+        self._valid = bytearray()
+        # Specs read from the cache give their keys and digests as columns, read a slice at a time and
+        # looked up again by row when needed: a stream of 10^5 rows keeps no string per row. Specs given
+        # as objects hold theirs already; their digests (computed, not stored) are kept as a list.
+        cached = isinstance(specs, SpecTable)
+        keys_kept: list[str] = []
+        digests_kept: list[str | None] = []
+        hashes: list[np.ndarray] = []
         settled = entries.settled if isinstance(entries, JournalEntries) else None
-        for i, key in enumerate(keys):
-            if settled is not None and valid[i]:
-                known = settled(key, digests[i])
-                if known is not None:
-                    # Ended and nothing left to do: no rule of this try changes it, so its entry (one of
-                    # the 10^5 a resume would otherwise build) stays unread.
-                    category, charged = cast("tuple[Category, int]", known)
-                    self._category.append(category)
-                    self._charge.append(CREDITS_PER_IMAGE * charged)
-                    self.committed += CREDITS_PER_IMAGE * charged
-                    self._counts[category] += 1
-                    continue
-            entry = entries.get(key)
-            category = self._rules.classify_row(valid[i], digests[i], entry)
-            self._category.append(category)
-            self._charge.append(_charged(entry))
-            self._add(i, category, entry)
+        for start, keys, digests, valid in spec_slices(specs, SLICE):
+            hashes.append(key_hashes(keys, len(keys)))
+            self._valid.extend(valid)
+            if not cached:
+                keys_kept.extend(keys)
+                digests_kept.extend(digests)
+            for offset, key in enumerate(keys):
+                self._classify_first(start + offset, key, digests[offset], valid[offset], settled)
+        if isinstance(specs, SpecTable):
+            self._key_at: Callable[[int], str] = specs.key_at
+            self._digest_at: Callable[[int], str | None] = specs.digest_at
+        else:
+            self._key_at, self._digest_at = keys_kept.__getitem__, digests_kept.__getitem__
+        #: Key → position of its spec.
+        self.position = KeyIndex(
+            np.concatenate(hashes) if hashes else np.empty(0, dtype=np.int64),
+            np.arange(len(specs), dtype=np.int64),
+            self._key_at,
+        )
+
+    def _classify_first(
+        self,
+        i: int,
+        key: str,
+        digest: str | None,
+        valid: bool,
+        settled: Callable[[str, str | None], tuple[str, int] | None] | None,
+    ) -> None:
+        """Classify spec ``i`` as the index is built."""
+        if settled is not None and valid:
+            known = settled(key, digest)
+            if known is not None:
+                # Ended and nothing left to do: no rule of this try changes it, so its entry (one of
+                # the 10^5 a resume would otherwise build) stays unread.
+                category, charged = cast("tuple[Category, int]", known)
+                self._category.append(category)
+                self._charge.append(CREDITS_PER_IMAGE * charged)
+                self.committed += CREDITS_PER_IMAGE * charged
+                self._counts[category] += 1
+                return
+        entry = self._entries.get(key)
+        category = self._rules.classify_row(valid, digest, entry)
+        self._category.append(category)
+        self._charge.append(_charged(entry))
+        self._add(i, category, entry, key)
 
     def task_key(self, task_id: str) -> str | None:
         """Return the key whose current task is ``task_id``, if that task is in flight.
@@ -293,7 +329,7 @@ class WindowIndex:
         changed, so a progress line costs O(changes), not O(rows).
         """
         if self._paid is None or since != self._since:
-            self._paid, self._since = [0] * len(self._keys), since
+            self._paid, self._since = [0] * len(self.specs), since
             entries = self._entries
             recent = (
                 entries.attempted_since(since) if isinstance(entries, JournalEntries) else entries.values()
@@ -317,12 +353,12 @@ class WindowIndex:
                 paid = CREDITS_PER_IMAGE * entry.charged_since(self._since) if entry is not None else 0
                 self._paid_total += paid - self._paid[i]
                 self._paid[i] = paid
-            self._remove(i, self._category[i])
+            self._remove(i, self._category[i], key)
             self.committed -= self._charge[i]
-            category = self._rules.classify_row(self._valid[i], self._digests[i], entry)
+            category = self._rules.classify_row(bool(self._valid[i]), self._digest_at(i), entry)
             self._category[i] = category
             self._charge[i] = _charged(entry)
-            self._add(i, category, entry)
+            self._add(i, category, entry, key)
             if category == UNSENT and i < self._cursor:
                 heapq.heappush(self._returned, i)
 
@@ -336,9 +372,9 @@ class WindowIndex:
         plan = WindowPlan(
             total=len(self.specs),
             in_flight=dict(self.in_flight),
-            to_mirror=[self._keys[i] for i in sorted(self._sets[TO_MIRROR])],
-            unknown=[self._keys[i] for i in sorted(self._sets[UNKNOWN])],
-            rejected=[self._keys[i] for i in sorted(self._sets[REJECTED])],
+            to_mirror=[self._key_at(i) for i in sorted(self._sets[TO_MIRROR])],
+            unknown=[self._key_at(i) for i in sorted(self._sets[UNKNOWN])],
+            rejected=[self._key_at(i) for i in sorted(self._sets[REJECTED])],
             committed=self.committed,
             failed=self._counts[FAILED],
             moderated=self._counts[MODERATED],
@@ -379,7 +415,7 @@ class WindowIndex:
             j += 1
         return [self.specs[i] for i in sorted(set(head + found))[:limit]]
 
-    def _add(self, i: int, category: Category, entry: JournalEntry | None) -> None:
+    def _add(self, i: int, category: Category, entry: JournalEntry | None, key: str) -> None:
         self.committed += self._charge[i]
         if (
             category == REJECTED
@@ -389,16 +425,16 @@ class WindowIndex:
             self.stopping = entry.rejected_kind  # type: ignore[assignment]
         if category == IN_FLIGHT:
             # Only tasks in flight are asked about (a poll's answers): ended ones leave the map.
-            self._task_key[entry.task_id] = self._keys[i]  # type: ignore[union-attr,index]
-            self.in_flight[self._keys[i]] = entry.task_id  # type: ignore[union-attr,assignment]
+            self._task_key[entry.task_id] = key  # type: ignore[union-attr,index]
+            self.in_flight[key] = entry.task_id  # type: ignore[union-attr,assignment]
         elif category in self._sets:
             self._sets[category].add(i)
         else:
             self._counts[category] += 1
 
-    def _remove(self, i: int, category: Category) -> None:
+    def _remove(self, i: int, category: Category, key: str) -> None:
         if category == IN_FLIGHT:
-            task_id = self.in_flight.pop(self._keys[i], None)
+            task_id = self.in_flight.pop(key, None)
             if task_id is not None:
                 self._task_key.pop(task_id, None)
         elif category in self._sets:
