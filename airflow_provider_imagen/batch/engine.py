@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import ObjectStoragePath
@@ -41,6 +40,7 @@ from airflow_provider_imagen.api.errors import (
 from airflow_provider_imagen.api.models import CREDITS_PER_IMAGE, Task, credits_to_usd, pixel_size_mismatch
 from airflow_provider_imagen.batch.journal import Journal, JournalEntries, JournalEntry, new_record
 from airflow_provider_imagen.batch.mirror import image_file_name, mirror_image
+from airflow_provider_imagen.batch.pools import PassThreads
 from airflow_provider_imagen.batch.status import EXPIRED, NOT_SUBMITTED, REJECTED, SKIPPED_BUDGET
 from airflow_provider_imagen.batch.storage import LOCAL_PROTOCOLS, as_path
 from airflow_provider_imagen.batch.submit import RateLimiter, SubmitReport, submit_chunk
@@ -117,30 +117,6 @@ def budget_with_balance(max_credits: int | None, *, balance: int, entries: Mappi
         spent = CREDITS_PER_IMAGE * sum(e.charged_submits for e in entries.values())
     cap = spent + balance
     return cap if max_credits is None else min(max_credits, cap)
-
-
-class PassThreads:
-    """The thread pools of a batch's passes, started once per process and kept across its passes.
-
-    A batch streaming on the worker runs a round of submits, polls and downloads every few hundred
-    milliseconds; starting fresh threads for every round cost a few percent of its CPU.
-    """
-
-    def __init__(self, settings: BatchSettings) -> None:
-        polls = settings.schedule.max_concurrent_polls
-        self.submit = ThreadPoolExecutor(settings.submit_concurrency, thread_name_prefix="imagen-submit")
-        self.mirror = ThreadPoolExecutor(settings.mirror_concurrency, thread_name_prefix="imagen-mirror")
-        self.poll = ThreadPoolExecutor(polls, thread_name_prefix="imagen-poll")
-
-    def close(self) -> None:
-        for pool in (self.submit, self.mirror, self.poll):
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> PassThreads:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class BatchPass:
@@ -553,12 +529,13 @@ class BatchPass:
                         part = chunks.popleft()
                     except IndexError:
                         return done
-                    done.append(one(part, outbox))
+                    done.append(timed(part, outbox))
             finally:
                 if outbox:
                     self.journal.append(outbox)
 
-        lanes = min(self.settings.submit_concurrency, len(chunks))
+        timed = self.threads.submit.timed(one)
+        lanes = self.threads.submit.width(len(chunks))
         futures = [self.threads.submit.submit(lane) for _ in range(lanes)]
         try:
             reports = [report for future in futures for report in future.result()]
