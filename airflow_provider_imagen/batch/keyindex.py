@@ -12,7 +12,7 @@ process needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import numpy as np
@@ -104,12 +104,3 @@ class KeyIndex:
                     keep[k] = False
                 seen.add(key)
         return keep
-
-
-def hashed_slices(
-    column: Callable[[int, int], list[str]], length: int
-) -> Iterator[tuple[int, list[str], np.ndarray]]:
-    """Yield ``(start, keys, hashes)`` for each slice of a column read by ``column(start, stop)``."""
-    for start in range(0, length, SLICE):
-        keys = column(start, min(start + SLICE, length))
-        yield start, keys, key_hashes(keys, len(keys))

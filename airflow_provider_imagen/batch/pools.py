@@ -4,11 +4,11 @@ Why: a batch that streams on its worker sends a round of POSTs, polls and downlo
 second. Against a far API each call waits on the network, and spreading a round over many threads is what
 keeps it short. Against a near one (a local emulator, an API in the same data centre) each call takes a
 millisecond or two of CPU, the threads mostly wait for the interpreter lock, and every hand-over of it
-costs the process kernel time: on a 2-core machine eight download threads and eight poll threads cost
-about a fifth more CPU per image than a few, for the same wall time. So a pool measures how long its calls
-take and spreads a round over just enough threads to finish it within its time budget, never more than
-its ceiling (the operator's ``mirror_concurrency``, the schedule's ``max_concurrent_polls``, the engine's
-``submit_concurrency``).
+costs the process kernel time: on a 2-core machine a stream spread over all of up to 8 + 8 + 4 threads
+spent about a tenth more CPU per image than one spread as its calls need, for the same wall time. So a
+pool measures how long its calls take and spreads a round over just enough threads to finish it within
+its time budget, never more than its ceiling (the operator's ``mirror_concurrency``, the schedule's
+``max_concurrent_polls``, the engine's ``submit_concurrency``).
 """
 
 from __future__ import annotations

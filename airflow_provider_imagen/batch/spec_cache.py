@@ -219,13 +219,6 @@ def spec_slices(
         yield start, [s.key for s in part], [s.digest for s in part], [s.valid for s in part]
 
 
-def spec_columns(specs: Sequence[ImageSpec]) -> tuple[list[str], list[str | None], list[bool]]:
-    """Return (keys, digests, validity) of ``specs``: from the columns when read from the cache."""
-    if isinstance(specs, SpecTable):
-        return specs.keys, specs.digests, specs.valid
-    return [s.key for s in specs], [s.digest for s in specs], [s.valid for s in specs]
-
-
 def invalid_specs(specs: Sequence[ImageSpec]) -> list[ImageSpec]:
     """Return the invalid specs, in order, building from the cache only those."""
     if isinstance(specs, SpecTable):
