@@ -9,7 +9,8 @@ Draws ``scaling.png`` (our wall time and polls per image against N, with the ide
 ``imagen_batch_<N>`` at one window exist, and ``side_by_side.png`` (wall time, task instances and polls
 per image of the stock DAG, the hand loop and ours at N = 400) when those runs exist; ``scale.png`` (the
 ``scale_<N>`` runs: wall time against the bound, CPU per image by part) and ``contention.png``
-(``backfill_contention`` beside ``backfill_contention_fixed``).
+(``backfill_contention`` beside ``backfill_contention_fixed``; ``--label TAG[+TAG…]=LABEL`` draws the
+runs of those tags as a bar of their own, to set window rules side by side).
 """
 
 from __future__ import annotations
@@ -149,8 +150,15 @@ def plot_scale(points: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
+def finish_spread(run: dict[str, Any]) -> float:
+    """Seconds from the first batch's finish to the last's: what the account idles on at the end."""
+    ends = [r["end"] for r in run.get("runs") or [] if r.get("end")]
+    return max(ends) - min(ends) if ends else 0.0
+
+
 def plot_contention(rows: list[tuple[str, dict[str, Any]]], out: Path) -> Path:
-    """Adaptive against fixed windows: throughput against the cap's bound, 429s per POST, windows."""
+    """Window rules side by side: throughput against the cap's bound, 429s per POST, windows, and how
+    far apart the batches finished."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,12 +170,15 @@ def plot_contention(rows: list[tuple[str, dict[str, Any]]], out: Path) -> Path:
         ("429s, % of POSTs", lambda r: 100 * (r["batch"].get("share_429") or 0), 10),
         ("mean window per task", lambda r: statistics.fmean(
             [w["mean"] for w in r["batch"]["windows"] if w.get("mean") is not None] or [0]), None),
+        ("first to last finish, s", finish_spread, None),
     ]  # fmt: skip
-    fig, axes = plt.subplots(1, len(figures), figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, len(figures), figsize=(14, 3.6))
+    colors = ["tab:blue", "tab:green", "tab:orange", "tab:red"]
     for ax, (title, pick, target) in zip(axes, figures, strict=True):
         values = [pick(r) for _, r in rows]
-        bars = ax.bar([label for label, _ in rows], values, color=["tab:blue", "tab:red"][: len(rows)])
+        bars = ax.bar([label for label, _ in rows], values, color=colors[-len(rows) :])
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
         if target is not None:
             ax.axhline(target, linestyle=":", color="grey")
         ax.set_title(title, fontsize=10)
@@ -215,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="per-run result JSON files")
     parser.add_argument("--out", default="docs/img", help="folder for the PNGs")
     parser.add_argument("--window", type=int, default=100, help="the window of the scaling curve")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="TAG[+TAG…]=LABEL",
+        help="name the runs of these --tags in the contention plot (one bar each, in this order)",
+    )
     args = parser.parse_args(argv)
     runs = load(args.files)
     out = Path(args.out)
@@ -238,12 +256,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = scale_points(runs)
     if len(scale) >= 2:
         print(f"wrote {plot_scale(scale, out)}: " + ", ".join(f"N={p['n']} {p['wall']} s" for p in scale))
+    labels = dict(item.split("=", 1) for item in args.label)
     for name in sorted(runs):
         if name.startswith("backfill_contention") and not name.endswith("_fixed") and f"{name}_fixed" in runs:
-            pair = [("adaptive", runs[name][-1]), ("fixed", runs[f"{name}_fixed"][-1])]
-            if all(r.get("derived") and r.get("batch") for _, r in pair):
-                print(f"wrote {plot_contention(pair, out)}: {name} and {name}_fixed")
+            rows = [*contention_rows(runs[name], labels), ("fixed", runs[f"{name}_fixed"][-1])]
+            if all(r.get("derived") and r.get("batch") for _, r in rows):
+                print(f"wrote {plot_contention(rows, out)}: " + ", ".join(label for label, _ in rows))
     return 0
+
+
+def contention_rows(
+    adaptive: list[dict[str, Any]], labels: dict[str, str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """One bar per label (the median run of its tags by throughput), or the last run as "adaptive"."""
+    if not labels:
+        return [("adaptive", adaptive[-1])]
+    rows = []
+    for tags, label in labels.items():
+        tagged = [r for r in adaptive if (r.get("options") or {}).get("tag") in tags.split("+")]
+        if tagged:
+            tagged.sort(key=lambda r: r["derived"].get("share_of_bound_throughput") or 0)
+            rows.append((label.replace("\\n", "\n"), tagged[(len(tagged) - 1) // 2]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ START_WINDOW: Final = 100
 #: batch refills a place only once a poll has seen its task end, so the account is never quite as
 #: full as the windows, and a deep cut empties it further.
 DECREASE: Final = 0.9
+#: Fewest accepted submits that earn a window one growth step, however small it is (see
+#: :func:`growth_due`): a window of a few places does not grow on every submit the API takes.
+MIN_GROWTH_CREDIT: Final = 4
 
 StopReason = Literal["deadline", "insufficient_credits", "authentication", "unreachable"]
 #: Why a try sends no more: its deadline passed, the API refused the account or the key (every other
@@ -71,7 +74,7 @@ class BatchSettings:
     poll_interval: float = 2.0
     #: Record an image whose pixel size is not Imagen 4's for its ratio as ``wrong_size``.
     check_pixel_size: bool = True
-    #: Shrink the window on a submit answered 429 and grow it back per window's worth of accepted
+    #: Shrink the window on a submit answered 429 and grow it back as the API accepts
     #: submits (see :meth:`RunClock.adapt_window`). ``False`` keeps ``max_in_flight``, and the client
     #: waits out each 429 and sends again.
     adaptive_window: bool = True
@@ -112,7 +115,7 @@ class RunClock:
     #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`); never above
     #: ``max_in_flight``. See :meth:`adapt_window`.
     window: int | None = None
-    #: The window at the last 429: below it the window doubles, above it grows per window's worth of
+    #: The window at the last 429: below it the window doubles, above it grows per :func:`growth_due`
     #: accepted submits (``None``: no 429 yet).
     threshold: int | None = None
     #: Submits the API accepted since the window last grew (above ``threshold``).
@@ -120,6 +123,11 @@ class RunClock:
     #: Until when (epoch seconds) a 429 is part of the congestion that last shrank the window: the
     #: API's ``Retry-After`` from that 429.
     calm_until: float | None = None
+    #: That ``Retry-After`` (seconds): the API's period of congestion, which also paces growth faster
+    #: than a window's worth per step (see :meth:`adapt_window`).
+    period: float | None = None
+    #: Until when (epoch seconds) growth waits before taking another step faster than a window's worth.
+    paced_until: float | None = None
     #: Seconds of worker slot this try's earlier processes held (each from its start to its deferral).
     held: float = 0.0
     #: When this process started (epoch seconds; not carried over: each resume is a new process).
@@ -152,10 +160,11 @@ class RunClock:
         - slow start: until the first 429, each round the API takes whole while rows wait doubles the
           window, so one batch on an idle account fills it in a few rounds;
         - then it grows per window's worth of accepted submits (about once per render, however many
-          rounds a batch refilling at every end runs) by what it grew since the last 429, at least
-          one: by one right after a 429, where the account was full, then by 2, 4, … for as long as
-          the account takes everything, so places another batch left (it finished, or gave way) are
-          taken in a few renders, not one place per render;
+          rounds a batch refilling at every end runs), or per :func:`growth_due` of them (fewer, the
+          fewer places the window holds against its ceiling) at most once per ``Retry-After``, by
+          what it grew since the last 429, at least one: by one right after a 429, where the account
+          was full, then by 2, 4, … for as long as the account takes everything, so places another
+          batch left (it finished, or gave way) are taken in a few renders, not one place per render;
         - multiplicative decrease: a 429 shrinks it by a tenth (:data:`DECREASE`), at most once per
           ``Retry-After``: every 429 of one burst (several batches asking at once) is one signal, not
           one decrease each. Nor does it stay above what the batch has in flight: the account is full
@@ -180,6 +189,7 @@ class RunClock:
                 self.window = self.threshold = max(1, min(int(window * DECREASE), in_flight))
                 self.credit = 0
                 self.calm_until = now + retry_after
+                self.period = retry_after
         elif accepted and held_back and window < ceiling:
             if self.threshold is None:
                 self.window = min(window * 2, ceiling)
@@ -188,8 +198,16 @@ class RunClock:
             else:
                 self.credit += accepted
                 grown = window
-                while self.credit >= grown and grown < ceiling:
-                    self.credit -= grown
+                while grown < ceiling:
+                    if self.credit >= grown:  # a window's worth: the pace at the ceiling
+                        cost = grown
+                    elif self.credit >= (cost := growth_due(grown, ceiling)) and now >= (
+                        self.paced_until or 0.0
+                    ):
+                        self.paced_until = now + (self.period or 1.0)
+                    else:
+                        break
+                    self.credit -= cost
                     grown = min(grown + max(1, grown - self.threshold), ceiling)
                 self.window = grown
         return self.current_window(ceiling)
@@ -206,8 +224,26 @@ class RunClock:
             "threshold": self.threshold,
             "credit": self.credit,
             "calm_until": self.calm_until,
+            "period": self.period,
+            "paced_until": self.paced_until,
             "held": self.held,
         }
+
+
+def growth_due(window: int, ceiling: int) -> int:
+    """Return how many accepted submits earn a window past its last 429 one growth step.
+
+    A window's worth scaled by the window's share of its ceiling (``window² / ceiling``), at least
+    :data:`MIN_GROWTH_CREDIT`: at the ceiling a window's worth (about a render), at a tenth of it a
+    tenth of that. Why: every batch on a full account loses the same tenth per 429, so with equal
+    growth the shares stay where the first seconds left them (8 batches of one backfill ended 100 s
+    apart in a 320 s run, the last ones alone on an account they could not fill). Batches of one
+    backfill share a ceiling, so growing sooner the fewer places a batch holds pulls their shares
+    together, and they finish closer to each other while the account is still full. Such a step comes
+    at most once per ``Retry-After`` (:meth:`RunClock.adapt_window`): where renders are shorter than
+    that period, faster steps would outrun the one cut per period and storm the account.
+    """
+    return max(MIN_GROWTH_CREDIT, window * window // max(ceiling, 1))
 
 
 @dataclass(frozen=True)

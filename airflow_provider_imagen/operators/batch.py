@@ -94,8 +94,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         free call that catches a wrong key or an unreachable API before any POST).
     :param max_in_flight: tasks rendering at the API at once, at most. The window starts at 100 (or this,
         if lower), doubles per round of submits the API accepts until its first 429, then shrinks by a
-        tenth on a 429 and grows back per window's worth of accepted submits: batches sharing an
-        account find its capacity.
+        tenth on a 429 and grows back as submits are accepted, the sooner the fewer places it holds:
+        batches sharing an account find its capacity and share it evenly.
     :param refill_fraction: when a wait with rows still to send is deferred, come back to refill once
         this share of the window has ended (and the deferral has lasted ``min_deferral``).
     :param max_submit_rate: POSTs per second at most (``None``: as fast as the API answers; its 429s
@@ -125,8 +125,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
     :param check_pixel_size: record an image whose pixel size is not Imagen 4's for its ratio (within
         2 % per side) as ``wrong_size`` instead of ``completed``.
     :param adaptive_window: shrink the window by a tenth when the API answers a submit 429 (an
-        account-wide limit shared with other batches; once per ``Retry-After``) and grow it back per
-        window's worth of accepted submits; ``False`` keeps ``max_in_flight`` and only waits out each 429.
+        account-wide limit shared with other batches; once per ``Retry-After``) and grow it back as
+        submits are accepted; ``False`` keeps ``max_in_flight`` and only waits out each 429.
     :param deferrable: wait in the triggerer between passes (no worker slot held). Default
         ``[operators] default_deferrable``.
     """
@@ -302,6 +302,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
         threshold: int | None = None,
         credit: int = 0,
         calm_until: float | None = None,
+        period: float | None = None,
+        paced_until: float | None = None,
         held: float = 0.0,
     ) -> dict[str, Any]:
         """Resume after the trigger: check this try still owns the journal, validate the event, go on.
@@ -325,6 +327,8 @@ class ImagenBatchGenerateOperator(BaseOperator):
             "threshold": threshold,
             "credit": credit,
             "calm_until": calm_until,
+            "period": period,
+            "paced_until": paced_until,
             "held": held,
             "resumed_at": _process_started(clocks[lease.epoch]["started_at"]),
         }

@@ -223,39 +223,70 @@ def test_three_batches_share_a_capped_account_without_failed_rows(emulator: Any,
 
 
 def test_the_window_starts_low_doubles_until_a_429_then_shrinks_and_creeps() -> None:
-    """Slow start until the first 429; then growth per window's worth of accepted submits, by one at
-    first and doubling while the account takes everything; a tenth off per 429; never above the
-    ceiling."""
+    """Slow start until the first 429; then growth per window's worth of accepted submits, or per
+    window² / ceiling of them once per ``Retry-After``, by one at first and doubling while the account
+    takes everything; a tenth off per 429; never above the ceiling."""
     from airflow_provider_imagen.batch.base import START_WINDOW
 
     clock = RunClock(started_at=0.0, deadline=1.0)
     assert clock.current_window(1000) == START_WINDOW and clock.current_window(40) == 40
 
-    def grow(accepted: int, *, held_back: bool = True) -> int:
-        return clock.adapt_window(1000, now=4.0, in_flight=10, accepted=accepted, held_back=held_back)
+    def grow(accepted: int, *, held_back: bool = True, now: float = 4.0) -> int:
+        return clock.adapt_window(1000, now=now, in_flight=10, accepted=accepted, held_back=held_back)
 
     assert [grow(100) for _ in range(3)] == [200, 400, 800]
     assert grow(100, held_back=False) == 800  # nothing held back
     assert grow(0) == 800  # nothing accepted
     assert clock.adapt_window(1000, now=2.0, in_flight=800, retry_after=1.0) == 720  # the account's limit
     assert clock.adapt_window(1000, now=3.0, in_flight=720, retry_after=1.0) == 648
-    # Growth counts accepted submits, not rounds: 647 rounds of one (647 ends refilled) grow nothing yet.
-    assert {grow(1) for _ in range(647)} == {648}
-    assert grow(1) == 649
-    assert [grow(649), grow(650), grow(652)] == [650, 652, 656]  # by one, then 2, 4, …
-    assert grow(100) == 656 and clock.credit == 100
+    # Growth counts accepted submits, not rounds: a window of 648 under a ceiling of 1,000 may grow per
+    # 648² // 1000 = 419 of them, so 418 rounds of one (418 ends refilled) grow nothing yet.
+    assert {grow(1) for _ in range(418)} == {648}
+    assert grow(1) == 649 and clock.paced_until == 5.0  # such a step comes once per Retry-After…
+    assert grow(421, now=4.5) == 649
+    assert grow(228, now=4.5) == 650  # …or per window's worth (649), whichever comes first
+    assert [grow(422, now=5.0), grow(425, now=6.0)] == [652, 656]  # by one, then 2, 4, …
+    assert grow(100, now=6.5) == 656 and clock.credit == 100
     # The state rides the deferral: a resumed try goes on from it.
     kwargs = clock.to_kwargs()
     resumed = RunClock(
-        started_at=0.0, deadline=1.0, **{k: kwargs[k] for k in ("window", "threshold", "credit")}
+        started_at=0.0,
+        deadline=1.0,
+        **{k: kwargs[k] for k in ("window", "threshold", "credit", "period", "paced_until")},
     )
-    assert resumed.adapt_window(1000, now=5.0, in_flight=10, accepted=556, held_back=True) == 664
+    assert resumed.adapt_window(1000, now=6.8, in_flight=10, accepted=330, held_back=True) == 656
+    assert resumed.adapt_window(1000, now=7.0, in_flight=10, accepted=1, held_back=True) == 664
     capped = RunClock(started_at=0.0, deadline=1.0, window=900)
     assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=900, held_back=True) == 1000
     capped.threshold = 500
     assert capped.adapt_window(1000, now=1.0, in_flight=900, accepted=5000, held_back=True) == 1000
     one = RunClock(started_at=0.0, deadline=1.0, window=1)
     assert one.adapt_window(10, now=1.0, in_flight=1, retry_after=1.0) == 1
+
+
+def test_a_window_holding_few_places_grows_back_sooner() -> None:
+    """Every batch on a full account loses the same tenth per 429; the one holding fewer places of the
+    same ceiling regrows per fewer accepted submits (at most one such step per ``Retry-After``), so
+    the batches' shares draw together instead of staying where the first seconds left them."""
+    from airflow_provider_imagen.batch.base import MIN_GROWTH_CREDIT, growth_due
+
+    assert growth_due(100, 100) == 100  # at the ceiling: a window's worth, about once per render
+    assert growth_due(50, 100) == 25 and growth_due(20, 100) == MIN_GROWTH_CREDIT
+    assert growth_due(3, 100) == MIN_GROWTH_CREDIT  # never on every accepted submit
+
+    def regrown(window: int) -> int:
+        """Refill the whole window once over a 5 s render, a round a second, after a 429 whose
+        ``Retry-After`` was 1 s."""
+        clock = RunClock(started_at=0.0, deadline=1.0, window=window, threshold=window, period=1.0)
+        for second in range(1, 6):
+            clock.adapt_window(100, now=second, in_flight=window, accepted=window // 5, held_back=True)
+        return clock.current_window(100)
+
+    assert regrown(80) == 81  # a step per 64 accepted submits
+    assert regrown(20) == 28  # 20 → 21 → 22 → 24 → 28: a step per 4 or 5, one a second at most
+    # All in one round, the same submits earn the small window one step only: the pace is per period.
+    once = RunClock(started_at=0.0, deadline=1.0, window=20, threshold=20, period=1.0)
+    assert once.adapt_window(100, now=1.0, in_flight=20, accepted=20, held_back=True) == 21
 
 
 def test_the_429s_of_one_period_shrink_the_window_once() -> None:
@@ -334,7 +365,7 @@ def test_the_window_adapts_to_429s_only_when_asked(tmp_path: Path, adaptive: boo
     assert step._adapt([limited], more_waiting=True) == 3.0
     assert clock.current_window(40) == (36 if adaptive else 40)
     assert step._adapt([SubmitReport(submitted={"k2": "t2"})], more_waiting=True) == 0.0
-    assert clock.current_window(40) == (36 if adaptive else 40)  # one accepted submit is not a window's worth
+    assert clock.current_window(40) == (36 if adaptive else 40)  # one accepted submit earns no growth
     accepted = SubmitReport(submitted={f"k{i}": f"t{i}" for i in range(3, 38)})
     assert step._adapt([accepted], more_waiting=True) == 0.0
     assert clock.current_window(40) == (37 if adaptive else 40)
