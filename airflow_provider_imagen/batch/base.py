@@ -115,8 +115,8 @@ class RunClock:
     #: Tasks this try keeps in flight now (``None``: not adapted yet, :data:`START_WINDOW`); never above
     #: ``max_in_flight``. See :meth:`adapt_window`.
     window: int | None = None
-    #: The window at the last 429: below it the window doubles, above it grows per :func:`growth_due`
-    #: accepted submits (``None``: no 429 yet).
+    #: The window at the last 429: below it the window doubles, above it grows per window's worth of
+    #: accepted submits, or sooner (:func:`growth_due`) while it holds few places (``None``: no 429 yet).
     threshold: int | None = None
     #: Submits the API accepted since the window last grew (above ``threshold``).
     credit: int = 0
