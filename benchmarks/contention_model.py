@@ -2,13 +2,14 @@
 
 Why: ``backfill_contention`` takes six minutes of a real scheduler per run and varies by a point or two
 between runs, so a change to :meth:`RunClock.adapt_window` is hard to judge from one run. This replays
-the same situation in under a second per seed with the rule as it is in the package: each batch polls
-its own tasks (first poll at the render time, then every ``interval`` growing ×1.5), refills its window
-as it sees ends, stops a round at the first 429 and waits out ``Retry-After`` (1 s), exactly as
-``BatchPass`` does; the account refuses a submit while ``cap`` tasks render. It models no HTTP, CPU or
-scheduler, so its throughput runs a few points above the real one; compare rules with it, not machines.
+the same situation (a contention scenario of ``benchmarks/scenarios.py``: its batches, rows, window,
+account cap, renders and poll schedule) in under a second per seed with the rule as it is in the
+package: each batch polls its own tasks on the package's :class:`PollSchedule` grid, refills its window
+as it sees ends, stops a round at the first 429 and waits out ``Retry-After`` (1 s), as ``BatchPass``
+does; the account refuses a submit while its cap of tasks render. It models no HTTP, CPU or scheduler,
+so its throughput runs a few points above the real one; compare rules with it, not machines.
 
-    python -m benchmarks.contention_model [--seeds 16] [--batches 8] [--rows 2000] [--cap 300] ...
+    python -m benchmarks.contention_model [--scenario backfill_contention_10s] [--seeds 16] [--stagger 10]
 
 Prints, by the median over seeds: throughput against the cap's bound (rows × batches / cap × render),
 429s as a share of POSTs, and the seconds from the first batch's finish to the last's.
@@ -22,6 +23,9 @@ import statistics
 from dataclasses import dataclass
 
 from airflow_provider_imagen.batch.base import RunClock
+from airflow_provider_imagen.polling import PollSchedule
+from benchmarks.harness import Scenario
+from benchmarks.scenarios import by_name
 
 
 @dataclass
@@ -32,21 +36,22 @@ class Outcome:
 
 
 def simulate(
+    scenario: Scenario,
     seed: int,
     *,
-    batches: int = 8,
-    rows: int = 2000,
-    ceiling: int = 100,
-    cap: int = 300,
-    render: float = 5.0,
-    jitter: float = 1.0,
-    interval: float = 1.0,
-    round_gap: float = 0.25,
     stagger: float = 10.0,
+    round_gap: float = 0.25,
     retry_after: float = 1.0,
     step: float = 0.05,
 ) -> Outcome:
-    """Run ``batches`` batches of ``rows`` rows to the end; batches start within ``stagger`` seconds."""
+    """Run the scenario's batches to the end; they start within ``stagger`` seconds of each other."""
+    batches, rows, cap = scenario.runs, scenario.n, scenario.account_cap or 0
+    ceiling = scenario.max_in_flight or 0
+    render, jitter = scenario.latency_mean, scenario.latency_jitter
+    schedule = PollSchedule(
+        expected_render=float(scenario.airflow_config["IMAGEN_BENCH_EXPECTED_RENDER"]),
+        poll_interval=float(scenario.airflow_config["IMAGEN_BENCH_POLL_INTERVAL"]),
+    )
     rnd = random.Random(seed)
     starts = sorted(rnd.uniform(0, stagger) for _ in range(batches))
     clocks = [RunClock(started_at=0.0, deadline=1e12) for _ in range(batches)]
@@ -72,7 +77,8 @@ def simulate(
                 if task[1] <= now:
                     if task[0] <= now:
                         continue  # seen ended: the place is free for this batch
-                    task[1], task[2] = now + task[2], task[2] * 1.5
+                    task[1] = now + task[2]
+                    task[2] = min(task[2] * schedule.backoff, schedule.max_poll_interval)
                 still.append(task)
             flight[b] = still
             if not left[b] and not flight[b]:
@@ -90,7 +96,7 @@ def simulate(
                     break  # the round stops at the first 429
                 ready = now + rnd.uniform(render - jitter, render + jitter)
                 rendering.append(ready)
-                flight[b].append([ready, now + render, interval])
+                flight[b].append([ready, now + schedule.expected_render, schedule.poll_interval])
                 accepted += 1
                 left[b] -= 1
             if room > 0:
@@ -106,22 +112,22 @@ def simulate(
                     blocked_until[b] = now + limited
         now += step
     ends = [d for d in done_at if d is not None]
-    bound = batches * rows / cap * render
+    bound = scenario.ideal_s or 0.0  # rows × batches / cap × mean render, as the benchmark reports it
     return Outcome(bound / (max(ends) - starts[0]), refused / max(posts, 1), max(ends) - min(ends))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="backfill_contention", help="a contention scenario's name")
     parser.add_argument("--seeds", type=int, default=16)
-    for name, default in (("batches", 8), ("rows", 2000), ("ceiling", 100), ("cap", 300)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    for name, default in (("render", 5.0), ("jitter", 1.0), ("interval", 1.0), ("stagger", 10.0)):
-        parser.add_argument(f"--{name}", type=float, default=default)
-    args = vars(parser.parse_args())
-    seeds = args.pop("seeds")
-    outcomes = [simulate(seed, **args) for seed in range(seeds)]
+    parser.add_argument("--stagger", type=float, default=10.0, help="seconds over which the batches start")
+    args = parser.parse_args()
+    (scenario,) = by_name([args.scenario])
+    if not scenario.account_cap or scenario.runs < 2:
+        parser.error(f"{scenario.name} is not a contention scenario (several runs on a capped account)")
+    outcomes = [simulate(scenario, seed, stagger=args.stagger) for seed in range(args.seeds)]
     print(
-        f"{seeds} seeds, {args}: throughput "
+        f"{scenario.name}, {args.seeds} seeds: throughput "
         f"{100 * statistics.median(o.share_of_bound for o in outcomes):.1f} % of the cap's bound, "
         f"429s {100 * statistics.median(o.share_429 for o in outcomes):.1f} % of POSTs, "
         f"first to last finish {statistics.median(o.finish_spread for o in outcomes):.0f} s (medians)"
